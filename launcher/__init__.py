@@ -1,0 +1,1 @@
+"""ftlaunch: a fault-tolerant distributed training launcher for PyTorch."""

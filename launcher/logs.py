@@ -1,0 +1,34 @@
+"""Rank-tagged, timestamped logging: rank 0 at INFO, other ranks at WARNING, a file per rank."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+FORMAT = "%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s"
+
+
+def setup(rank: int, level: str | None = None, run_dir: Path | None = None) -> None:
+    """Configure the root logger for this rank.
+
+    Args:
+        rank: global rank, shown on every line.
+        level: ``--log-level``; default INFO on rank 0 and WARNING elsewhere.
+        run_dir: if given, every rank also writes ``run_dir/logs/rank<N>.log`` at INFO.
+    """
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    fmt = logging.Formatter(FORMAT.format(rank=rank), datefmt="%Y-%m-%d %H:%M:%S")
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(fmt)
+    console.setLevel(level.upper() if level else (logging.INFO if rank == 0 else logging.WARNING))
+    root.addHandler(console)
+    root.setLevel(logging.DEBUG if level and level.upper() == "DEBUG" else logging.INFO)
+    if run_dir is not None:
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(run_dir / "logs" / f"rank{rank}.log")
+        fh.setFormatter(fmt)
+        fh.setLevel(logging.DEBUG if level and level.upper() == "DEBUG" else logging.INFO)
+        root.addHandler(fh)

@@ -1,0 +1,91 @@
+"""Small helpers our trainers share; a user's trainer may use them too."""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
+)
+
+
+@lru_cache(maxsize=2)
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of the ``n`` training samples in ``epoch``: a pure function of its arguments."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def global_batch_indices(n: int, global_batch: int, seed: int, step: int, rank: int, world: int) -> torch.Tensor:
+    """Sample indices this rank trains on at ``step``.
+
+    The global batch (``global_batch`` samples) at each step depends only on the step and the
+    seed; rank ``r`` takes slice ``r`` of it. The data position is therefore the global sample
+    count ``step * global_batch`` whatever the world size, so a job that resumes at a
+    different world size neither skips nor repeats a sample.
+    """
+    if global_batch % world:
+        raise ValueError(f"data.batch_size = {global_batch} is the global batch and must be divisible "
+                         f"by the world size {world}; choose a multiple of {world}")
+    spe = n // global_batch
+    epoch, k = divmod(step, spe)
+    batch = epoch_permutation(n, seed, epoch)[k * global_batch:(k + 1) * global_batch]
+    per = global_batch // world
+    return batch[rank * per:(rank + 1) * per]
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.0):
+    """LR multiplier: linear warmup to 1, then cosine decay to ``min_ratio`` at ``total_steps``."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        span = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def module_state(module: torch.nn.Module) -> dict:
+    """Model weights without DDP's ``module.`` prefix."""
+    return get_model_state_dict(module)
+
+
+def optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Optimizer state keyed by parameter names, so DCP can reshard it."""
+    return get_optimizer_state_dict(module, optimizer)
+
+
+def load_module_state(module: torch.nn.Module, state: dict) -> None:
+    set_model_state_dict(module, state)
+
+
+def load_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    set_optimizer_state_dict(module, optimizer, state)
+
+
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks (a no-op cost at world size 1)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return values
+
+
+def average_gradients(params) -> None:
+    """Average gradients over ranks, as DDP does, for code that DDP cannot see into."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()

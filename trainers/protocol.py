@@ -1,0 +1,75 @@
+"""The protocol every trainer implements: ours and a user's own.
+
+A trainer is a plain class; it does not inherit from anything of ours. The launcher owns
+the loop, the process group, checkpoints, metrics and logs; the trainer owns its data,
+model(s) and optimizer(s) and says how to take one step. Read ``trainers/encoder/trainer.py``
+for a complete example, and ``docs/own-trainer.md`` for a walk-through.
+
+Loop contract (what the launcher guarantees):
+
+* ``setup`` is called once per process, before anything else, on every rank.
+* ``train_step(step)`` is called with the global step index (0-based, counts optimizer steps
+  since the run began, across resumes). The batch must be a pure function of ``step``, the
+  seed and the world size (see :func:`trainers.common.global_batch_indices`), so a resumed
+  run sees exactly the samples an uninterrupted run would.
+* ``evaluate()`` is called on every rank at each epoch end (every ``steps_per_epoch()`` steps).
+* ``state_dict()`` / ``load_state_dict()`` are called on every rank around checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass
+class TrainContext:
+    """What the launcher hands a trainer at setup."""
+
+    config: Any  # launcher.config.RunConfig
+    rank: int
+    world_size: int
+    device: torch.device
+    run_dir: Path
+    fresh: bool  # True when no checkpoint will be loaded (task sets etc. are created, not reloaded)
+
+
+@runtime_checkable
+class Trainer(Protocol):
+    """What the launcher needs from a trainer."""
+
+    #: Config sections the trainer owns: ``{"data": DataConfig, "model": ModelConfig, "optim": OptimConfig}``.
+    config_sections: ClassVar[dict[str, type]]
+    #: Dotted config prefixes that define tensor shapes; changing one on resume is an error.
+    shape_fields: ClassVar[tuple[str, ...]]
+    #: ``(metric, "min" | "max")`` that names the best checkpoint.
+    best: ClassVar[tuple[str, str]]
+
+    def setup(self, ctx: TrainContext) -> None:
+        """Read data, build model(s) and optimizer(s) in their initial state."""
+
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one pass over the training data."""
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """Take optimizer step number ``step``; return this rank's ``loss``, ``lr`` and any extras."""
+
+    def evaluate(self) -> dict[str, float]:
+        """Metrics on held-out data, identical on every rank (reduce them if data is split)."""
+
+    def state_dict(self, weights_only: bool = False) -> dict[str, Any]:
+        """DCP-compatible state. Weights under ``"model"`` (no ``module.`` prefix).
+
+        ``weights_only=True`` returns just the model weights (``--reset-optimizer``).
+        """
+
+    def load_state_dict(self, state: dict[str, Any], weights_only: bool = False, step: int = 0) -> None:
+        """Restore from ``state`` saved after ``step`` steps.
+
+        Re-apply settings the config may have changed (e.g. lr). With ``weights_only``
+        (``--reset-optimizer``) only ``"model"`` is present: build a fresh optimizer and
+        start the lr schedule again at ``step``.
+        """
