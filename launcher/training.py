@@ -16,12 +16,13 @@ from filelock import FileLock, Timeout
 
 from launcher import dist as ldist
 from launcher import env as cluster_env
-from launcher import exit_codes, logs, rng
+from launcher import events, exit_codes, logs, rng
 from launcher.checkpoint import files
 from launcher.checkpoint.manager import CheckpointError, CheckpointManager
 from launcher.config import RunConfig, diff_configs, flatten
 from launcher.heartbeat import Heartbeat
 from launcher.metrics import MetricsLog
+from launcher.observe import Observer
 from launcher.preempt import PreemptionFlag
 from trainers import resolve_trainer
 from trainers.protocol import TrainContext
@@ -75,8 +76,9 @@ def run(cfg: RunConfig, opts: RunOptions) -> int:
 class Job:
     """One attempt at a run: everything between process-group init and exit."""
 
-    def __init__(self, cfg: RunConfig, opts: RunOptions, ctx: ldist.DistContext):
+    def __init__(self, cfg: RunConfig, opts: RunOptions, ctx: ldist.DistContext, observer: Observer | None = None):
         self.cfg, self.opts, self.ctx = cfg, opts, ctx
+        self.observer = observer or Observer()
         self.run_dir = opts.run_dir
         self.trainer_cls = resolve_trainer(cfg.trainer)
         self.manager = CheckpointManager(self.run_dir, cfg.checkpoint, ctx.rank, ctx.world_size,
@@ -105,11 +107,13 @@ class Job:
             else:
                 log.info("Starting fresh in %s (no checkpoint found)", self.run_dir)
             self._write_config()
+            self._record_start(path, info)
             self.preempt.install()
             return self._loop()
         finally:
             self.manager.close()
             self.metrics.close()
+            self.observer.close()
             if self._lock is not None:
                 self._lock.release()
 
@@ -190,6 +194,16 @@ class Job:
                                   f"The data or config defines a different architecture; restore it or use a "
                                   f"new --run-dir.")
 
+    def _record_start(self, path: Path | None, info: dict[str, Any] | None) -> None:
+        env = self.ctx.env
+        if env.requeue_count or env.restart_count:
+            log.info("Attempt: torchrun/ftrun restart %d, SLURM requeue (SLURM_RESTART_COUNT) %d",
+                     env.restart_count, env.requeue_count)
+        if self.ctx.is_main:
+            events.append(self.run_dir, "worker_start", step=self.progress.step, checkpoint=path.name if path else None,
+                          world_size=self.ctx.world_size, restart_count=env.restart_count,
+                          slurm_restart_count=env.requeue_count, job_id=env.job_id)
+
     def _write_config(self) -> None:
         if self.ctx.is_main:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
@@ -204,6 +218,7 @@ class Job:
         spe = self.trainer.steps_per_epoch()
         p = self.progress
         started = time.time()
+        self.observer.on_start(self.run_dir, p.step, self.total_steps, resumed=bool(p.resumed_at))
         while p.step < self.total_steps:
             self.heartbeat.report(p.step, "training")
             out = self.trainer.train_step(p.step)
@@ -214,6 +229,7 @@ class Job:
             epoch_end = p.step % spe == 0
             record = {"step": p.step, "epoch": (p.step - 1) // spe + 1, **out, "time": time.time()}
             self.metrics.write(record)
+            self.observer.on_step(record)
             if p.step % self.cfg.train.log_interval == 0 or p.step == 1:
                 log.info("step %d/%d epoch %d loss %.5f lr %.3g", p.step, self.total_steps,
                          record["epoch"], out["loss"], out.get("lr", float("nan")))
@@ -225,10 +241,18 @@ class Job:
             if preempted:
                 log.warning("Preempted: checkpoint at step %d written; exiting with code %d",
                             p.step, exit_codes.PREEMPTED)
+                self.observer.on_end(self._summary("preempted", started))
                 return exit_codes.PREEMPTED
         self.manager.wait()
         log.info("Training finished: %d steps in %.1f s this attempt", p.step, time.time() - started)
+        self.observer.on_end(self._summary("finished", started))
         return exit_codes.OK
+
+    def _summary(self, status: str, started: float) -> dict[str, Any]:
+        p = self.progress
+        return {"status": status, "step": p.step, "total_steps": self.total_steps,
+                "attempt_seconds": time.time() - started, "history": p.history, "resumed_at": p.resumed_at,
+                "checkpoints": str(self.manager.root)}
 
     def _reduce(self, out: dict[str, float]) -> tuple[dict[str, float], bool, bool]:
         """Mean of every metric over ranks, plus the save and preemption flags of any rank."""
@@ -252,7 +276,9 @@ class Job:
         train_loss = p.epoch_loss_sum / max(p.epoch_loss_count, 1)
         p.history.append({"epoch": epoch, "step": p.step, "train_loss": train_loss, **evals})
         p.epoch_loss_sum, p.epoch_loss_count = 0.0, 0
-        self.metrics.write({"step": p.step, "epoch": epoch, "train_loss": train_loss, **evals, "time": time.time()})
+        record = {"step": p.step, "epoch": epoch, "train_loss": train_loss, **evals, "time": time.time()}
+        self.metrics.write(record)
+        self.observer.on_eval(record)
         shown = " ".join(f"{k} {v:.5f}" for k, v in evals.items())
         log.info("epoch %d done at step %d: train_loss %.5f %s", epoch, p.step, train_loss, shown)
         return evals
@@ -267,6 +293,7 @@ class Job:
                 "metrics": evals, "config": self.cfg.to_dict(), "trainer": self.cfg.trainer,
                 "reason": reason, "time": time.time(), "history": p.history[-5:]}
         self.manager.save(p.step, state, info, blocking=blocking)
+        self.observer.on_save(p.step, reason, self.manager.last_save_seconds)
         log.info("Checkpoint step_%08d (%s) %s in %.2f s", p.step, reason,
                  "queued" if self.cfg.checkpoint.async_save and not blocking else "written",
                  self.manager.last_save_seconds)
