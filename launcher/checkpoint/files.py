@@ -132,8 +132,14 @@ def verify(directory: Path, deep: bool = True) -> Verification:
     except FileNotFoundError:
         result.problems.append(f"{directory / MANIFEST}: missing manifest")
         return result
-    except (ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
         result.problems.append(f"{directory / MANIFEST}: unreadable manifest ({e})")
+        return result
+    if not isinstance(files, dict) or not all(
+            isinstance(w, dict) and isinstance(w.get("size"), int) and isinstance(w.get("crc32"), str)
+            for w in files.values()):
+        result.problems.append(f"{directory / MANIFEST}: unreadable manifest (entries must be "
+                               f"{{name: {{size, crc32}}}})")
         return result
     expected_sig = _signature(files)
     if expected_sig and not hmac.compare_digest(expected_sig, str(manifest.get("hmac_sha256", ""))):
@@ -143,20 +149,27 @@ def verify(directory: Path, deep: bool = True) -> Verification:
             result.problems.append(f"{directory / required}: not listed in the manifest")
     for name, want in sorted(files.items()):
         path = directory / name
-        if "/" in name or name.startswith(".."):
+        if "/" in name or "\\" in name or name in ("", ".", ".."):
             result.problems.append(f"{name}: manifest entry escapes the checkpoint directory")
+            continue
+        if path.is_symlink():
+            result.problems.append(f"{path}: is a symlink, not a file written by the save")
             continue
         if not path.is_file():
             result.problems.append(f"{path}: missing file")
             continue
-        size = path.stat().st_size
-        if size != want["size"]:
-            result.problems.append(f"{path}: size {size} bytes, manifest says {want['size']} (truncated or overwritten)")
-            continue
-        if deep:
-            _, crc = file_crc32(path)
-            if crc != want["crc32"]:
-                result.problems.append(f"{path}: checksum {crc}, manifest says {want['crc32']} (bytes changed)")
+        try:
+            size = path.stat().st_size
+            if size != want["size"]:
+                result.problems.append(f"{path}: size {size} bytes, manifest says {want['size']} "
+                                       f"(truncated or overwritten)")
+                continue
+            if deep:
+                _, crc = file_crc32(path)
+                if crc != want["crc32"]:
+                    result.problems.append(f"{path}: checksum {crc}, manifest says {want['crc32']} (bytes changed)")
+        except OSError as e:
+            result.problems.append(f"{path}: unreadable ({e.strerror or e})")
     return result
 
 

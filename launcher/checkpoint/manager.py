@@ -14,7 +14,12 @@ A save, synchronous or in the background, goes through the same steps:
 
 A process killed anywhere in 1-3 leaves a ``.tmp-`` directory that is never loaded and is
 removed at the next start; killed between 4 and 5, the complete directory is found by
-scanning. Either way the job resumes from the old checkpoint or the new one.
+scanning. Either way the job resumes from the old checkpoint or the new one
+(``launcher/checkpoint/faults.py`` kills a save at each of these instants in the tests).
+
+A save that fails with an exception fails on every rank: each step's outcome is shared over
+the checkpoint group before the next collective, so no rank is left waiting in a barrier
+for a rank that gave up.
 """
 
 from __future__ import annotations
@@ -29,9 +34,11 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-from launcher.checkpoint import files, meta
+from launcher.checkpoint import faults, files, meta
+from launcher.checkpoint.staging import Stager, assign_owners, tensor_signatures
 from launcher.checkpoint.retention import select_deletions
 from launcher.config import CheckpointConfig
 
@@ -86,20 +93,25 @@ class CheckpointManager:
         self._requested = False
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._inflight: concurrent.futures.Future | None = None
-        self._staging: dict[str, torch.Tensor] = {}
+        self._stager = Stager()
         self.last_save_seconds = 0.0  # time training was blocked by the last save
+        self.last_write_seconds = 0.0  # time the last save took from start to published
 
     # ---------------------------------------------------------------- start of a run
 
     def prepare(self) -> None:
         """Create the checkpoints directory and remove leftovers of interrupted saves."""
+        error = None
         if self.rank == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            for p in self.root.iterdir():
-                if p.name.startswith((meta.TMP_PREFIX, ".trash-")) and p.is_dir():
-                    log.info("Removing leftover of an interrupted save: %s", p.name)
-                    shutil.rmtree(p, ignore_errors=True)
-        self._barrier()
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                for p in self.root.iterdir():
+                    if p.name.startswith((meta.TMP_PREFIX, ".trash-")) and p.is_dir() and not p.is_symlink():
+                        log.info("Removing leftover of an interrupted save: %s", p.name)
+                        shutil.rmtree(p, ignore_errors=True)
+            except OSError as e:
+                error = f"cannot prepare {self.root}: {e}"
+        self._agree_all(error)
 
     def existing(self) -> list[str]:
         return meta.scan(self.root)
@@ -119,7 +131,8 @@ class CheckpointManager:
         if self.rank == 0:
             try:
                 outcome[0] = ("ok", self._resolve_on_rank0(resume))
-            except CheckpointError as e:
+            except (CheckpointError, meta.UnsafeEntry, OSError) as e:
+                # Every rank waits in the broadcast below: rank 0 must reach it, error or not.
                 outcome[0] = ("error", str(e))
         if self.world_size > 1:
             dist.broadcast_object_list(outcome, src=0, group=self.group)
@@ -258,42 +271,88 @@ class CheckpointManager:
             self._executor.shutdown()
             self._executor = None
 
-    def _stage(self, state: Any, prefix: str = "") -> Any:
-        """Copy tensors into reusable CPU buffers so training can modify the originals."""
-        if isinstance(state, dict):
-            return {k: self._stage(v, f"{prefix}{k}.") for k, v in state.items()}
-        if isinstance(state, torch.Tensor):
-            buf = self._staging.get(prefix)
-            if buf is None or buf.shape != state.shape or buf.dtype != state.dtype:
-                buf = self._staging[prefix] = torch.empty(state.shape, dtype=state.dtype, device="cpu",
-                                                          pin_memory=state.is_cuda)
-            buf.copy_(state, non_blocking=state.is_cuda)
-            return buf
-        if isinstance(state, list):
-            return [self._stage(v, f"{prefix}{i}.") for i, v in enumerate(state)]
-        return state
+    def _stage(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Copy this rank's share of ``state`` into reused buffers so training can go on.
+
+        Replicated tensors are copied by one rank only (see ``staging.py``); the ranks agree
+        on who owns what through one small all-gather of tensor shapes.
+        """
+        keep = None
+        if self.world_size > 1:
+            per_rank: list[Any] = [None] * self.world_size
+            dist.all_gather_object(per_rank, tensor_signatures(state), group=self.group)
+            keep = {path for path, ranks in assign_owners(per_rank).items() if self.rank in ranks}
+        staged = self._stager.stage(state, keep)
+        self._stager.synchronize()
+        return staged
 
     def _write(self, name: str, state: dict[str, Any], info: dict[str, Any]) -> None:
+        """Write, verify, rename and publish one checkpoint (every rank calls this)."""
+        started = time.perf_counter()
+        step = int(info["step"])
         tmp = self.root / f"{meta.TMP_PREFIX}{name}"
+        error = None
         if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self._barrier()
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            except OSError as e:
+                error = f"cannot create {tmp}: {e}"
+        self._agree_all(error)
         writer = dcp.FileSystemWriter(str(tmp), sync_files=True)
-        dcp.save(state, storage_writer=writer, process_group=self.group)
-        mine = sorted(p.name for p in tmp.iterdir() if p.name.startswith(f"__{self.rank}_"))
+        faults.arm_writer(writer, step, self.rank)
+        try:
+            dcp.save(state, storage_writer=writer, process_group=self.group)
+        except CheckpointException as e:  # raised on every rank when any rank failed
+            raise CheckpointError(f"writing checkpoint {name} to {tmp} failed: {e}") from None
+        faults.hit("after_dcp_save", step, self.rank)
+        described, error = self._describe_own_files(tmp, name, info)
+        gathered = self._gather(described)
+        self._agree_all(error)
+        error = None
         if self.rank == 0:
-            files.atomic_write_json(tmp / files.INFO, {**info, "name": name, "world_size": self.world_size})
-            mine += [files.DCP_METADATA, files.INFO]
-        described = files.describe_files(tmp, mine)
+            try:
+                self._commit(name, tmp, gathered, info)
+            except (CheckpointError, OSError) as e:
+                error = str(e)
+        self._agree_all(error, only_rank0=True)
+        self.last_write_seconds = time.perf_counter() - started
+
+    def _describe_own_files(self, tmp: Path, name: str, info: dict[str, Any]) -> tuple[dict, str | None]:
+        """fsync and checksum the files this rank wrote (rank 0 also adds ``checkpoint.json``)."""
+        try:
+            mine = sorted(p.name for p in tmp.iterdir() if p.name.startswith(f"__{self.rank}_"))
+            if self.rank == 0:
+                files.atomic_write_json(tmp / files.INFO, {**info, "name": name, "world_size": self.world_size})
+                mine += [files.DCP_METADATA, files.INFO]
+            return files.describe_files(tmp, mine), None
+        except OSError as e:
+            return {}, f"rank {self.rank}: cannot checksum its files in {tmp}: {e}"
+
+    def _gather(self, obj: Any) -> list[Any]:
+        if self.world_size == 1:
+            return [obj]
         gathered: list[Any] = [None] * self.world_size
-        if self.world_size > 1:
-            dist.all_gather_object(gathered, described, group=self.group)
+        dist.all_gather_object(gathered, obj, group=self.group)
+        return gathered
+
+    def _agree_all(self, error: str | None, only_rank0: bool = False) -> None:
+        """Share each rank's outcome of a step; raise CheckpointError on every rank if any failed.
+
+        This replaces a plain barrier: a rank that failed still reaches the collective, so the
+        others learn of the failure instead of waiting for it until the group times out.
+        """
+        if self.world_size == 1:
+            errors = [error]
+        elif only_rank0:
+            box = [error]
+            dist.broadcast_object_list(box, src=0, group=self.group)
+            errors = box
         else:
-            gathered = [described]
-        if self.rank == 0:
-            self._commit(name, tmp, gathered, info)
-        self._barrier()
+            errors = self._gather(error)
+        failed = [e for e in errors if e]
+        if failed:
+            raise CheckpointError("checkpoint save failed: " + "; ".join(failed))
 
     def _commit(self, name: str, tmp: Path, gathered: list[dict], info: dict[str, Any]) -> None:
         listing: dict[str, Any] = {}
@@ -303,6 +362,7 @@ class CheckpointManager:
         if unlisted:
             raise CheckpointError(f"{tmp}: files no rank accounted for: {unlisted}")
         files.write_manifest(tmp, listing)
+        faults.hit("after_manifest", info["step"], self.rank)
         check = files.verify(tmp, deep=False)
         if not check.ok:
             raise CheckpointError(f"checkpoint {name} failed verification after writing: {check.reason()}")
@@ -317,30 +377,38 @@ class CheckpointManager:
         else:
             tmp.rename(final)
         files.fsync_dir(self.root)
+        faults.hit("after_rename", info["step"], self.rank)
         self._publish(name, info)
 
     def _publish(self, name: str, info: dict[str, Any]) -> None:
         """Point meta.json at ``name`` (already verified and in place), then apply retention."""
         old, _ = meta.read_meta(self.root)
-        verified = [n for n in [name, *(old or {}).get("verified", [])] if (self.root / n).is_dir()]
-        verified = list(dict.fromkeys(verified))[:KEEP_VERIFIED]
         best = self._best(old, name, info)
+        doomed = select_deletions(self.existing(), name, self.cfg.keep_last, self.cfg.keep_every,
+                                  (best or {}).get("name"))
+        earlier = (old or {}).get("verified", [])
+        earlier = earlier if isinstance(earlier, list) else []
+        verified = [n for n in [name, *earlier] if isinstance(n, str) and n not in doomed and _is_entry(self.root, n)]
+        verified = list(dict.fromkeys(verified))[:KEEP_VERIFIED]
+        # meta.json stops naming the doomed checkpoints before they are deleted, so a crash
+        # in between never leaves it pointing at a half-deleted directory.
         meta.write_meta(self.root, {
             "latest": name, "step": info["step"], "epoch": info["epoch"],
             "world_size": self.world_size, "verified": verified, "best": best,
         })
-        doomed = select_deletions(self.existing(), name, self.cfg.keep_last, self.cfg.keep_every,
-                                  (best or {}).get("name"))
+        faults.hit("after_meta", info["step"], self.rank)
         for victim in doomed:
+            path = self.root / victim
+            if path.is_symlink():
+                log.warning("Retention: not deleting %s: it is a symlink", path)
+                continue
             log.info("Retention: deleting %s", victim)
-            shutil.rmtree(self.root / victim, ignore_errors=True)
-        if doomed:
-            meta.write_meta(self.root, {**meta.read_meta(self.root)[0],
-                                        "verified": [n for n in verified if n not in doomed]})
+            shutil.rmtree(path, ignore_errors=True)
 
     def _best(self, old: dict | None, name: str, info: dict[str, Any]) -> dict | None:
         best = (old or {}).get("best")
-        if best and not (self.root / best.get("name", "")).is_dir():
+        if not isinstance(best, dict) or not _is_entry(self.root, best.get("name")) \
+                or not isinstance(best.get("value"), (int, float)):
             best = None
         value = info.get("metrics", {}).get(self.best_metric)
         if value is None:
@@ -351,6 +419,11 @@ class CheckpointManager:
                     "step": info["step"]}
         return best
 
-    def _barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier(group=self.group)
+
+
+def _is_entry(root: Path, name: Any) -> bool:
+    """``name`` is a safe, existing checkpoint directory under ``root``."""
+    try:
+        return meta.safe_path(root, name).is_dir()
+    except meta.UnsafeEntry:
+        return False

@@ -95,7 +95,11 @@ def candidates(root: Path) -> tuple[list[str], list[str]]:
         if root.is_dir() and scan(root):
             notes.append(f"{why}; scanning the checkpoint directories instead")
     else:
-        for name in [meta["latest"], *meta.get("verified", [])]:
+        earlier = meta.get("verified")
+        if not isinstance(earlier, list):
+            notes.append(f"{root / META}: 'verified' is not a list; ignoring it")
+            earlier = []
+        for name in [meta["latest"], *earlier]:
             try:
                 path = safe_path(root, name)
             except UnsafeEntry as e:
