@@ -76,19 +76,26 @@ _ALIASES = {"async": "async_save"}
 
 @dataclass
 class RunConfig:
-    """A whole run: which trainer, and every component's settings."""
+    """A whole run: which trainer, the launcher's sections, and the trainer's own sections."""
 
     trainer: str  # "encoder", "recommender", or "package.module:ClassName"
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    data: Any = None  # the trainer's DataConfig
-    model: Any = None  # the trainer's ModelConfig
-    optim: Any = None  # the trainer's OptimConfig
+    sections: dict[str, Any] = field(default_factory=dict)  # the trainer's: data, model, optim, ...
+
+    def __getattr__(self, name: str) -> Any:
+        """``cfg.data``, ``cfg.model`` ... for the trainer's sections."""
+        sections = self.__dict__.get("sections", {})
+        if name in sections:
+            return sections[name]
+        raise AttributeError(name)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict, as saved with every checkpoint."""
-        out = dataclasses.asdict(self)
+        out: dict[str, Any] = {"trainer": self.trainer, "train": dataclasses.asdict(self.train),
+                               "checkpoint": dataclasses.asdict(self.checkpoint)}
         out["checkpoint"]["async"] = out["checkpoint"].pop("async_save")
+        out.update({k: dataclasses.asdict(v) for k, v in self.sections.items()})
         return out
 
 
@@ -271,7 +278,7 @@ def build_run_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
         built[key] = build_section(cls, raw.get(key), key, problems)
     if problems:
         raise ConfigError(problems, source=source)
-    return RunConfig(trainer=name, **built)
+    return RunConfig(trainer=name, train=built.pop("train"), checkpoint=built.pop("checkpoint"), sections=built)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None,

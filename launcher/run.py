@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return exit_codes.CONFIG_ERROR
     from launcher.training import RunOptions, run  # late: torch import only once the config is good
-    from trainers.encoder.data import DataError
+    from trainers.common import DataError
     try:
         return run(cfg, RunOptions(run_dir=args.run_dir, resume=args.resume,
                                    reset_optimizer=args.reset_optimizer, log_level=args.log_level))

@@ -16,7 +16,7 @@ from filelock import FileLock, Timeout
 
 from launcher import dist as ldist
 from launcher import env as cluster_env
-from launcher import events, exit_codes, logs, rng
+from launcher import events, exit_codes, logs, observers, rng
 from launcher.checkpoint import files
 from launcher.checkpoint.manager import CheckpointError, CheckpointManager
 from launcher.config import RunConfig, diff_configs, flatten
@@ -65,7 +65,7 @@ def run(cfg: RunConfig, opts: RunOptions) -> int:
     opts.run_dir.mkdir(parents=True, exist_ok=True)
     logs.setup(ctx.rank, opts.log_level, opts.run_dir)
     try:
-        return Job(cfg, opts, ctx).run()
+        return Job(cfg, opts, ctx, observer=observers.for_rank(ctx.is_main, cfg.train.log_interval)).run()
     except CheckpointError as e:
         log.error("%s", e)
         return exit_codes.CHECKPOINT_ERROR
@@ -92,6 +92,9 @@ class Job:
     # ------------------------------------------------------------------ start
 
     def run(self) -> int:
+        # Catch the preemption signals before the (possibly long) resume: left at their default
+        # action, SIGTERM/SIGUSR1 would kill the process there; caught, they stop it after its first step.
+        self.preempt.install(self.ctx.env.preempt_signals)
         try:
             self._lock_run_dir()
             self.manager.prepare()
@@ -99,6 +102,9 @@ class Job:
             info = files.read_info(path) if path else None
             if info:
                 self._check_config(info)
+            # Every generator of every rank starts from the seed, so a fresh attempt and a resumed
+            # one draw the same numbers (python's and numpy's are otherwise seeded from the OS).
+            rng.seed_everything(self.cfg.train.seed * 1000 + self.ctx.rank)
             self.trainer = self.trainer_cls()
             self.trainer.setup(TrainContext(config=self.cfg, rank=self.ctx.rank, world_size=self.ctx.world_size,
                                             device=self.ctx.device, run_dir=self.run_dir, fresh=path is None))
@@ -106,9 +112,10 @@ class Job:
                 self._resume(path, info)
             else:
                 log.info("Starting fresh in %s (no checkpoint found)", self.run_dir)
+                # Metrics of an attempt that died before its first checkpoint are not part of this run.
+                self.metrics.truncate_after(0)
             self._write_config()
             self._record_start(path, info)
-            self.preempt.install()
             return self._loop()
         finally:
             self.manager.close()
@@ -230,7 +237,9 @@ class Job:
             record = {"step": p.step, "epoch": (p.step - 1) // spe + 1, **out, "time": time.time()}
             self.metrics.write(record)
             self.observer.on_step(record)
-            if p.step % self.cfg.train.log_interval == 0 or p.step == 1:
+            # Rank 0's observer prints progress itself (a bar, or lines with steps/s and ETA).
+            quiet = getattr(self.observer, "reports_progress", False)
+            if not quiet and (p.step % self.cfg.train.log_interval == 0 or p.step == 1):
                 log.info("step %d/%d epoch %d loss %.5f lr %.3g", p.step, self.total_steps,
                          record["epoch"], out["loss"], out.get("lr", float("nan")))
             evals = self._end_epoch(p.step // spe) if epoch_end else {}
@@ -239,8 +248,11 @@ class Job:
             if reason:
                 self._save(reason, out, evals, blocking=preempted or final)
             if preempted:
-                log.warning("Preempted: checkpoint at step %d written; exiting with code %d",
-                            p.step, exit_codes.PREEMPTED)
+                log.warning("Preempted (%s): checkpoint at step %d written; exiting with code %d",
+                            self.preempt.name or "another rank's signal", p.step, exit_codes.PREEMPTED)
+                if self.ctx.is_main:
+                    events.append(self.run_dir, "preempted", step=p.step, signal=self.preempt.name,
+                                  slurm_restart_count=self.ctx.env.requeue_count, job_id=self.ctx.env.job_id)
                 self.observer.on_end(self._summary("preempted", started))
                 return exit_codes.PREEMPTED
         self.manager.wait()

@@ -12,6 +12,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 
+class DataError(ValueError):
+    """A data file that cannot be used, with the file, the place and what was expected."""
+
+
 @lru_cache(maxsize=2)
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The order of the ``n`` training samples in ``epoch``: a pure function of its arguments."""

@@ -7,9 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-class DataError(ValueError):
-    """A data file that cannot be used, with the file, the place and what was expected."""
+from trainers.common import DataError
 
 
 def synthetic_series(length: int, channels: int, seed: int) -> np.ndarray:
