@@ -1,0 +1,102 @@
+"""Read what a run directory records about its history, tolerating files a killed process left.
+
+The plot, the run summary and the TensorBoard writer all need the same few facts: the
+metrics records of the run's current lineage (``metrics.jsonl``), the steps at which it
+resumed (``events.jsonl``), and where its checkpoints are (``checkpoints/meta.json``).
+They read them here, and never write them: the training loop and the checkpoint manager
+own those files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from launcher import events, metrics
+from launcher.checkpoint.meta import META
+
+#: Record keys that describe a record rather than measure something.
+NOT_METRICS = frozenset({"step", "epoch", "time"})
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """Records of ``metrics.jsonl``, skipping a torn last line from a killed writer."""
+    path = Path(run_dir) / metrics.FILE
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+            out.append(rec)
+    return out
+
+
+def is_eval(record: dict[str, Any]) -> bool:
+    """Epoch-end records carry ``train_loss``; per-step records carry ``loss``."""
+    return "train_loss" in record
+
+
+def scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The numeric, finite measurements of a record (no step, epoch or time)."""
+    out = {}
+    for k, v in record.items():
+        if k in NOT_METRICS or isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if math.isfinite(v):
+            out[k] = float(v)
+    return out
+
+
+def resume_points(run_dir: Path) -> list[int]:
+    """Steps at which the current lineage of the run resumed, oldest first.
+
+    Every worker start is in ``events.jsonl``, including those of branches a later resume
+    abandoned (``--resume best`` or ``--resume PATH`` going back to an older checkpoint).
+    A start at step ``s`` drops every resume point after ``s``, so what is left matches the
+    steps whose metrics ``metrics.jsonl`` still holds.
+    """
+    points: list[int] = []
+    for ev in events.read(run_dir):
+        if ev.get("kind") != "worker_start" or not isinstance(ev.get("step"), int):
+            continue
+        step = ev["step"]
+        points = [p for p in points if p <= step]
+        if step > 0 and step not in points:
+            points.append(step)
+    return points
+
+
+def worker_starts(run_dir: Path) -> list[dict[str, Any]]:
+    """Every ``worker_start`` event: one per attempt (first start, restarts, requeues, reruns)."""
+    return [ev for ev in events.read(run_dir) if ev.get("kind") == "worker_start"]
+
+
+def agent_report(run_dir: Path) -> dict[str, Any]:
+    """The agent's own account of restarts and goodput, if it recorded one in ``events.jsonl``.
+
+    The agent (``ftrun``) appends failures, restarts and, at exit, a summary with ``goodput``.
+    The newest event carrying a ``goodput`` field is taken as its account; without one, the
+    count of events whose kind names a restart is reported. Empty when the job ran without
+    the agent (plain ``python`` or stock ``torchrun``).
+    """
+    evs = events.read(run_dir)
+    with_goodput = [ev for ev in evs if "goodput" in ev]
+    if with_goodput:
+        return {k: v for k, v in with_goodput[-1].items() if k not in ("time", "kind")}
+    restarts = [ev for ev in evs if "restart" in str(ev.get("kind", "")) and ev.get("kind") != "worker_start"]
+    return {"restarts": len(restarts)} if restarts else {}
+
+
+def checkpoint_meta(run_dir: Path) -> dict[str, Any]:
+    """``checkpoints/meta.json`` (empty if missing or unreadable)."""
+    try:
+        meta = json.loads((Path(run_dir) / "checkpoints" / META).read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}

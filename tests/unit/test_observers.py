@@ -1,0 +1,138 @@
+"""Rank 0's observer parts in one process, on run directories written by hand."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from launcher import observers, plots, runfiles, summary
+
+
+def write_lines(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def fake_run(run_dir: Path, steps: int = 12, spe: int = 4, resumes: tuple[int, ...] = (),
+             ranking: bool = True) -> None:
+    """Step losses and epoch records; with ``ranking``, recall, NDCG and reward as the recommender reports."""
+    recs = []
+    for s in range(1, steps + 1):
+        recs.append({"step": s, "epoch": (s - 1) // spe + 1, "loss": 1.0 / s, "lr": 0.01, "time": 100.0 + s})
+        if s % spe == 0:
+            ev = {"step": s, "epoch": s // spe, "train_loss": 1.0 / s, "val_loss": 2.0 / s, "time": 100.0 + s}
+            if ranking:
+                ev.update({"recall@10": 0.1 * s, "ndcg@10": 0.05 * s, "reward": 1.0 - 0.01 * s})
+            recs.append(ev)
+    write_lines(run_dir / "metrics.jsonl", recs)
+    starts = [{"time": 10.0 * i, "kind": "worker_start", "step": s} for i, s in enumerate((0, *resumes))]
+    write_lines(run_dir / "events.jsonl", starts)
+
+
+def test_resume_points_follow_the_current_lineage(tmp_path):
+    # Resumed at 8, then at 12; then --resume best went back to 4: only 4 is on the lineage.
+    write_lines(tmp_path / "events.jsonl", [
+        {"kind": "worker_start", "step": 0}, {"kind": "worker_start", "step": 8},
+        {"kind": "worker_start", "step": 12}, {"kind": "worker_failed", "step": 13},
+        {"kind": "worker_start", "step": 4}, {"kind": "worker_start", "step": 4}])
+    assert runfiles.resume_points(tmp_path) == [4]
+
+
+def test_torn_metrics_line_is_skipped(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo')
+    assert runfiles.read_metrics(tmp_path) == [{"step": 1, "loss": 1.0}]
+
+
+def test_agent_report_prefers_the_goodput_summary(tmp_path):
+    write_lines(tmp_path / "events.jsonl", [
+        {"time": 1, "kind": "worker_start", "step": 0}, {"time": 2, "kind": "restart", "restart": 1},
+        {"time": 3, "kind": "agent_summary", "restarts": 1, "goodput": 0.93, "downtime_s": 4.5}])
+    assert runfiles.agent_report(tmp_path) == {"restarts": 1, "goodput": 0.93, "downtime_s": 4.5}
+    write_lines(tmp_path / "events.jsonl", [{"time": 2, "kind": "restart"}, {"time": 3, "kind": "restart"}])
+    assert runfiles.agent_report(tmp_path) == {"restarts": 2}
+    write_lines(tmp_path / "events.jsonl", [{"time": 1, "kind": "worker_start", "step": 0}])
+    assert runfiles.agent_report(tmp_path) == {}
+
+
+def test_summary_final_best_and_checkpoints(tmp_path):
+    fake_run(tmp_path, resumes=(4,))
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "meta.json").write_text(json.dumps(
+        {"latest": "step_00000012", "step": 12, "best": {"name": "step_00000004", "metric": "recall@10",
+                                                        "mode": "max", "value": 0.4}}))
+    out = summary.build(tmp_path, {"status": "finished", "step": 12, "total_steps": 12, "attempt_seconds": 5.0,
+                                   "resumed_at": [4]}, now=110.0)
+    assert out["final"]["train"] == {"step": 12, "loss": 1 / 12, "lr": 0.01}
+    assert out["final"]["eval"]["recall@10"] == pytest.approx(1.2)
+    assert out["best"]["val_loss"] == {"value": 2 / 12, "step": 12, "epoch": 3, "mode": "min"}
+    assert out["best"]["recall@10"]["step"] == 12 and out["best"]["recall@10"]["mode"] == "max"
+    assert out["best"]["reward"]["step"] == 4  # reward falls over this fake run: its best is early
+    assert out["wall_seconds"] == 110.0 and out["attempts"] == 2
+    assert out["checkpoints"]["latest"]["path"].endswith("checkpoints/step_00000012")
+    assert out["checkpoints"]["best"]["metric"] == "recall@10"
+    text = summary.format_text(out)
+    assert "wall time 0:01:50 over 2 attempt(s)" in text and "best recall@10: 1.2 at step 12 (max)" in text
+    path = summary.write(tmp_path, out)
+    assert json.loads(path.read_text()) == out
+
+
+def test_plot_draws_every_metric_panel(tmp_path):
+    import matplotlib.image
+
+    fake_run(tmp_path / "rec", resumes=(4, 8))
+    fake_run(tmp_path / "enc", ranking=False)
+    rec = matplotlib.image.imread(str(plots.plot_run(tmp_path / "rec")))
+    enc = matplotlib.image.imread(str(plots.plot_run(tmp_path / "enc")))
+    assert rec.shape[0] > enc.shape[0]  # a third panel for recall, NDCG and reward
+    assert (tmp_path / "rec" / "plots" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plot_of_an_empty_run_dir_says_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no metrics records to plot"):
+        plots.plot_run(tmp_path)
+
+
+def record(step: int, epoch: int = 1) -> dict:
+    return {"step": step, "epoch": epoch, "loss": 0.5, "lr": 1e-3, "time": 1000.0 + step}
+
+
+def test_plain_progress_lines_when_not_a_terminal(caplog):
+    caplog.set_level(logging.INFO, logger="launcher.progress")
+    shown = observers.ProgressDisplay(total=40, start=12, interval=10, stream=io.StringIO(), terminal=False)
+    for s in range(13, 41):
+        shown.update(record(s))
+    shown.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "launcher.progress"]
+    assert [line.split()[1] for line in lines] == ["13/40", "20/40", "30/40", "40/40"]
+    assert "steps/s, ETA" in lines[1] and lines[-1].endswith("ETA 0:00:00")
+
+
+def test_bar_starts_at_the_resumed_step():
+    stream = io.StringIO()
+    shown = observers.ProgressDisplay(total=40, start=12, interval=10, stream=stream, terminal=True)
+    shown.update(record(13))
+    shown.close()
+    text = stream.getvalue()
+    assert "13/40" in text and " 1/40" not in text and "loss=0.5000" in text
+
+
+def test_tensorboard_purges_what_a_crashed_attempt_logged(tmp_path):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    def attempt(start: int, stop: int, value: float) -> None:
+        tb = observers.TensorBoardLog(tmp_path, start)
+        for s in range(start + 1, stop + 1):
+            tb.step({"step": s, "loss": value, "time": 0.0})
+        tb.close()
+
+    attempt(0, 3, 9.0)  # died before its first checkpoint: a fresh start drops all of it
+    attempt(0, 8, 1.0)  # crashed after step 8; its checkpoint was step 5
+    attempt(5, 10, 2.0)
+    acc = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    seen = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    assert seen == [(s, 1.0) for s in range(1, 6)] + [(s, 2.0) for s in range(6, 11)]
