@@ -1,0 +1,424 @@
+"""Checkpoint tools: list, verify, inspect, export, set-lr, prune, diff.
+
+Usage::
+
+    python -m launcher.ckpt list RUN_DIR
+    python -m launcher.ckpt verify PATH            # a checkpoint, or every checkpoint of a run
+    python -m launcher.ckpt inspect PATH [--json]  # PATH: a checkpoint, or a run (newest verified)
+    python -m launcher.ckpt export PATH OUT.pt     # model weights only, for inference
+    python -m launcher.ckpt set-lr PATH LR [--out NEW_CHECKPOINT]
+    python -m launcher.ckpt prune RUN_DIR --keep-last N [--keep-every K] [--dry-run]
+    python -m launcher.ckpt diff A B               # config and metric differences
+
+(also installed as ``ftlaunch-ckpt``). Exit codes: 0 done; 1 a checkpoint failed verification
+(``verify``) or could not be used; 2 bad command line or input.
+
+Nothing here modifies an existing checkpoint: ``set-lr`` writes a new one, ``prune`` deletes
+only checkpoints older than the newest verified one (never the best) and refuses a run
+directory that a live job holds. Checkpoints are read with torch's safe unpickler, but DCP's
+``.metadata`` is itself a pickle: only use these tools on checkpoints you trust.
+
+Adding a subcommand: write ``def cmd_NAME(args) -> int`` and decorate it with
+``@command("NAME", help, arguments...)``; ``main`` builds the parser from the registry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+if __package__ in (None, ""):  # run as a script: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from launcher.checkpoint import files, meta  # noqa: E402
+
+EXIT_OK, EXIT_BAD_CHECKPOINT, EXIT_USAGE = 0, 1, 2
+
+
+class ToolError(Exception):
+    """A problem the user can fix; printed without a traceback."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Command:
+    name: str
+    help: str
+    func: Callable[[argparse.Namespace], int]
+    arguments: tuple[tuple[tuple, dict], ...]
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def arg(*names: str, **kwargs: Any) -> tuple[tuple, dict]:
+    """One ``add_argument`` call, for :func:`command`."""
+    return names, kwargs
+
+
+def command(name: str, help: str, *arguments: tuple[tuple, dict]):
+    """Register ``func`` as subcommand ``name``."""
+    def register(func: Callable[[argparse.Namespace], int]):
+        COMMANDS[name] = Command(name, help, func, arguments)
+        return func
+    return register
+
+
+# ---------------------------------------------------------------------------- helpers
+
+def _offline():
+    # torch is imported only when a subcommand needs it, so --help stays fast.
+    from launcher.checkpoint import offline  # noqa: PLC0415
+    return offline
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def _info(path: Path) -> dict[str, Any]:
+    try:
+        return files.read_info(path)
+    except (OSError, ValueError) as e:
+        return {"_error": f"{path / files.INFO}: unreadable ({e})"}
+
+
+def _locked(run_dir: Path):
+    """Hold the run directory's lock, as a training job does, or refuse."""
+    from filelock import FileLock, Timeout  # noqa: PLC0415
+    lock = FileLock(str(run_dir / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ToolError(f"{run_dir} is in use by a live job (lock {run_dir / '.lock'} is held); "
+                        f"wait for it to finish or stop it first") from None
+    return lock
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+# ---------------------------------------------------------------------------- list
+
+@command("list", "checkpoints of a run: step, epoch, size, verified, best",
+         arg("run_dir", type=Path, help="run directory (or its checkpoints/ directory)"),
+         arg("--fast", action="store_true", help="check presence and sizes only, not checksums"))
+def cmd_list(args: argparse.Namespace) -> int:
+    root = _root(args.run_dir)
+    m, why = meta.read_meta(root)
+    best = ((m or {}).get("best") or {}).get("name") if isinstance((m or {}).get("best"), dict) else None
+    latest = (m or {}).get("latest")
+    rows = [("name", "step", "epoch", "size", "verified", "notes")]
+    for name in meta.scan(root):
+        path = root / name
+        check = files.verify(path, deep=not args.fast)
+        info = _info(path)
+        notes = [n for n, on in (("best", name == best), ("latest", name == latest)) if on]
+        if not check.ok:
+            notes.append(check.problems[0] + (f" (+{len(check.problems) - 1} more)" if len(check.problems) > 1 else ""))
+        rows.append((name, str(info.get("step", "?")), str(info.get("epoch", "?")), _human(files.dir_size(path)),
+                     "yes" if check.ok else "NO", ", ".join(notes)))
+    for p in sorted(root.iterdir()):
+        if p.name.startswith(meta.TMP_PREFIX):
+            rows.append((p.name, "-", "-", "-", "NO", "interrupted save; removed at the next start"))
+    if len(rows) == 1:
+        print(f"{root}: no checkpoints")
+        return EXIT_OK
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[5])
+    if m is None:
+        print(f"note: {why}")
+    return EXIT_OK
+
+
+def _root(path: Path) -> Path:
+    from launcher.checkpoint.manager import CheckpointError  # noqa: PLC0415
+    try:
+        return _offline().checkpoints_root(path)
+    except CheckpointError as e:
+        raise ToolError(str(e)) from None
+
+
+# ---------------------------------------------------------------------------- verify
+
+@command("verify", "check checksums; exit 0 if every checkpoint verifies, 1 naming each bad file",
+         arg("path", type=Path, help="a checkpoint directory, or a run directory (checks all of them)"))
+def cmd_verify(args: argparse.Namespace) -> int:
+    path = args.path
+    if not path.exists():
+        raise ToolError(f"{path}: no such file or directory")
+    if _offline().is_checkpoint(path):
+        targets = [path]
+    else:
+        root = _root(path)
+        targets = [root / n for n in meta.scan(root)]
+        _, notes = meta.candidates(root)
+        for note in notes:
+            print(f"note: {note}")
+        if not targets:
+            print(f"{root}: no checkpoints to verify")
+            return EXIT_BAD_CHECKPOINT
+    bad = 0
+    for target in targets:
+        check = files.verify(target)
+        if check.ok:
+            print(f"OK   {target}")
+            continue
+        bad += 1
+        print(f"BAD  {target}")
+        for problem in check.problems:
+            print(f"       {problem}")
+    return EXIT_BAD_CHECKPOINT if bad else EXIT_OK
+
+
+# ---------------------------------------------------------------------------- inspect
+
+@command("inspect", "step, epoch, losses, config and world size of a checkpoint",
+         arg("path", type=Path, help="a checkpoint directory, or a run directory (its newest verified checkpoint)"),
+         arg("--json", action="store_true", help="print checkpoint.json as JSON"))
+def cmd_inspect(args: argparse.Namespace) -> int:
+    path = _checkpoint(args.path)
+    info = files.read_info(path)
+    check = files.verify(path)
+    if args.json:
+        print(json.dumps({**info, "path": str(path), "verified": check.ok, "problems": check.problems}, indent=2))
+        return EXIT_OK
+    import yaml  # noqa: PLC0415
+    print(f"checkpoint  {path}")
+    print(f"verified    {'yes' if check.ok else 'NO: ' + check.reason()}")
+    for key in ("step", "epoch", "steps_per_epoch", "world_size", "trainer", "reason", "loss"):
+        if key in info:
+            print(f"{key:<11} {_fmt(info[key])}")
+    for key, value in sorted((info.get("metrics") or {}).items()):
+        print(f"{key:<11} {_fmt(value)}")
+    history = info.get("history") or []
+    if history:
+        print("recent epochs:")
+        for rec in history:
+            print("  " + "  ".join(f"{k} {_fmt(v)}" for k, v in rec.items()))
+    if "derived_from" in info:
+        print(f"derived     from {info['derived_from']} ({info.get('change')})")
+    print("config:")
+    print("  " + yaml.safe_dump(info.get("config", {}), sort_keys=False).rstrip().replace("\n", "\n  "))
+    return EXIT_OK
+
+
+def _checkpoint(path: Path) -> Path:
+    from launcher.checkpoint.manager import CheckpointError  # noqa: PLC0415
+    try:
+        return _offline().resolve_checkpoint(path)
+    except CheckpointError as e:
+        raise ToolError(str(e), EXIT_BAD_CHECKPOINT) from None
+
+
+# ---------------------------------------------------------------------------- export
+
+@command("export", "model weights only, as one .pt file for inference",
+         arg("path", type=Path, help="a checkpoint directory, or a run directory (its newest verified checkpoint)"),
+         arg("out", type=Path, help="output file, ending in .pt (torch.save of the model's state dict)"),
+         arg("--force", action="store_true", help="overwrite OUT if it exists"))
+def cmd_export(args: argparse.Namespace) -> int:
+    out: Path = args.out
+    if out.suffix not in (".pt", ".pth"):
+        raise ToolError(f"{out}: export writes a .pt file (torch.save of the model's state dict, "
+                        f"loadable with torch.load(..., weights_only=True)); .safetensors is not "
+                        f"supported because the safetensors package is not a dependency")
+    if out.exists() and not args.force:
+        raise ToolError(f"{out} already exists; pass --force to overwrite it")
+    path = _checkpoint(args.path)
+    import torch  # noqa: PLC0415
+    state = _load(path, ["model"])
+    weights = state.get("model")
+    if not isinstance(weights, dict) or not weights:
+        raise ToolError(f"{path}: no 'model' entry to export", EXIT_BAD_CHECKPOINT)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    torch.save(weights, tmp)
+    tmp.replace(out)
+    total = sum(t.numel() for t in weights.values() if isinstance(t, torch.Tensor))
+    print(f"wrote {out}: {len(weights)} tensors, {total} parameters, from {path} (step {files.read_info(path).get('step')})")
+    return EXIT_OK
+
+
+def _load(path: Path, keys: list[str] | None = None) -> dict[str, Any]:
+    from launcher.checkpoint.manager import CheckpointError  # noqa: PLC0415
+    try:
+        return _offline().load_full(path, keys)
+    except CheckpointError as e:
+        raise ToolError(str(e), EXIT_BAD_CHECKPOINT) from None
+
+
+# ---------------------------------------------------------------------------- set-lr
+
+@command("set-lr", "write a new checkpoint whose optimizer learning rate is LR",
+         arg("path", type=Path, help="a checkpoint directory, or a run directory (its newest verified checkpoint)"),
+         arg("lr", type=float, help="the learning rate to set in every optimizer parameter group"),
+         arg("--out", type=Path, default=None,
+             help="new checkpoint directory (default: next to PATH, named <name>-lr<LR>)"))
+def cmd_set_lr(args: argparse.Namespace) -> int:
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ToolError(f"LR must be a finite number > 0, got {args.lr}")
+    path = _checkpoint(args.path)
+    out = args.out or path.parent / f"{path.name}-lr{args.lr:g}"
+    if out.exists():
+        raise ToolError(f"{out} already exists; choose another --out")
+    state = _load(path)
+    groups = (state.get("optim") or {}).get("param_groups")
+    if not isinstance(groups, list) or not groups:
+        raise ToolError(f"{path}: no optimizer param_groups in this checkpoint (saved with --reset-optimizer "
+                        f"or weights only?)", EXIT_BAD_CHECKPOINT)
+    base = set_lr(state, args.lr)
+    info = files.read_info(path)
+    old_lr = info.get("config", {}).get("optim", {}).get("lr")
+    if isinstance(info.get("config", {}).get("optim"), dict) and base is not None:
+        info["config"]["optim"]["lr"] = base
+    info.update(derived_from=str(path), change=f"set-lr {args.lr:g}")
+    lock = _locked(out.parent.parent) if out.parent.name == "checkpoints" else None
+    try:
+        _offline().write_checkpoint(out, state, info)
+    except Exception as e:
+        raise ToolError(f"could not write {out}: {e}", EXIT_BAD_CHECKPOINT) from None
+    finally:
+        if lock is not None:
+            lock.release()
+    print(f"wrote {out}: optimizer lr {args.lr:g}" + (f" (schedule base lr {base:g}, was {_fmt(old_lr)})" if base else ""))
+    print(f"resume with: --resume {out}" + (f" --set optim.lr={base:g}" if base else ""))
+    if base is not None:
+        print("note: trainers that re-apply the config's optim.lr on resume (the encoder trainer does) "
+              "use --set optim.lr; without it the run config's value wins.")
+    return EXIT_OK
+
+
+def set_lr(state: dict[str, Any], lr: float) -> float | None:
+    """Set every parameter group's lr to ``lr``, keeping an lr schedule consistent.
+
+    The scheduler's ``base_lrs`` (the schedule's peak) are scaled so that the schedule's
+    current factor times the new base is ``lr``, and training continues along the same
+    curve shape from the new value. Returns that new base lr (None without a scheduler).
+    """
+    groups = state["optim"]["param_groups"]
+    sched = state.get("lr_scheduler")
+    base = None
+    if isinstance(sched, dict) and isinstance(sched.get("base_lrs"), list) and isinstance(sched.get("_last_lr"), list):
+        old_base, old_last = sched["base_lrs"][0], sched["_last_lr"][0]
+        factor = old_last / old_base if old_base else 0.0
+        base = lr / factor if factor > 0 else lr
+        sched["base_lrs"] = [base for _ in sched["base_lrs"]]
+        sched["_last_lr"] = [lr for _ in sched["_last_lr"]]
+    for group in groups:
+        group["lr"] = lr
+        if "initial_lr" in group and base is not None:
+            group["initial_lr"] = base
+    return base
+
+
+# ---------------------------------------------------------------------------- prune
+
+@command("prune", "delete old checkpoints, keeping the newest N verified ones and the best",
+         arg("run_dir", type=Path, help="run directory (or its checkpoints/ directory)"),
+         arg("--keep-last", type=int, required=True, help="checkpoints to keep, counting from the newest verified one"),
+         arg("--keep-every", type=int, default=0, help="also keep steps that are multiples of this"),
+         arg("--dry-run", action="store_true", help="only print what would be deleted"))
+def cmd_prune(args: argparse.Namespace) -> int:
+    from launcher.checkpoint.retention import select_deletions  # noqa: PLC0415
+    if args.keep_last < 1 or args.keep_every < 0:
+        raise ToolError(f"--keep-last must be >= 1 and --keep-every >= 0, got {args.keep_last} and {args.keep_every}")
+    root = _root(args.run_dir)
+    lock = _locked(root.parent)
+    try:
+        newest, _ = _offline().newest_verified(root)
+        if newest is None:
+            raise ToolError(f"{root}: no checkpoint verifies; refusing to delete anything", EXIT_BAD_CHECKPOINT)
+        m, _ = meta.read_meta(root)
+        best = ((m or {}).get("best") or {}).get("name") if isinstance((m or {}).get("best"), dict) else None
+        doomed = [n for n in select_deletions(meta.scan(root), newest.name, args.keep_last, args.keep_every, best)
+                  if not (root / n).is_symlink()]
+        if not doomed:
+            print(f"nothing to delete (newest verified: {newest.name})")
+            return EXIT_OK
+        for name in doomed:
+            print(f"{'would delete' if args.dry_run else 'deleting'} {root / name}")
+        if args.dry_run:
+            return EXIT_OK
+        if m is not None:
+            # meta.json stops naming them before they go.
+            verified = [n for n in m.get("verified", []) if n not in doomed] if isinstance(m.get("verified"), list) else []
+            latest = m["latest"] if m["latest"] not in doomed else newest.name
+            meta.write_meta(root, {**m, "latest": latest, "verified": verified})
+        for name in doomed:
+            shutil.rmtree(root / name)
+        print(f"deleted {len(doomed)}; kept {len(meta.scan(root))}")
+        return EXIT_OK
+    finally:
+        lock.release()
+
+
+# ---------------------------------------------------------------------------- diff
+
+@command("diff", "config and metric differences between two checkpoints",
+         arg("a", type=Path, help="a checkpoint directory, or a run directory (its newest verified checkpoint)"),
+         arg("b", type=Path, help="the same, for the other side"))
+def cmd_diff(args: argparse.Namespace) -> int:
+    from launcher.config import diff_configs  # noqa: PLC0415
+    a, b = _checkpoint(args.a), _checkpoint(args.b)
+    ia, ib = files.read_info(a), files.read_info(b)
+    print(f"A: {a}\nB: {b}")
+    changes = diff_configs(ia.get("config", {}), ib.get("config", {}))
+    print("config:" + ("" if changes else " identical"))
+    for key, (va, vb) in changes.items():
+        print(f"  {key}: {va!r} -> {vb!r}")
+    print("metrics:")
+    print(f"  {'':<16}{'A':>14}{'B':>14}{'B - A':>14}")
+    for key, va, vb in _metric_rows(ia, ib):
+        delta = f"{vb - va:+.6g}" if isinstance(va, (int, float)) and isinstance(vb, (int, float)) else ""
+        print(f"  {key:<16}{_fmt(va):>14}{_fmt(vb):>14}{delta:>14}")
+    return EXIT_OK
+
+
+def _metric_rows(ia: dict, ib: dict) -> list[tuple[str, Any, Any]]:
+    rows = [(k, ia.get(k, "-"), ib.get(k, "-")) for k in ("step", "epoch", "world_size", "loss")]
+    ma, mb = ia.get("metrics") or {}, ib.get("metrics") or {}
+    rows += [(k, ma.get(k, "-"), mb.get(k, "-")) for k in sorted(set(ma) | set(mb))]
+    return rows
+
+
+# ---------------------------------------------------------------------------- main
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m launcher.ckpt", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for cmd in COMMANDS.values():
+        sp = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        for names, kwargs in cmd.arguments:
+            sp.add_argument(*names, **kwargs)
+        sp.set_defaults(func=cmd.func)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ToolError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
