@@ -187,8 +187,14 @@ class CheckpointManager:
 
     def load(self, path: Path, template: dict[str, Any]) -> dict[str, Any]:
         """Fill ``template`` (this rank's keys) from the DCP checkpoint at ``path``."""
-        dcp.load(template, storage_reader=dcp.FileSystemReader(str(path)),
-                 planner=SafeLoadPlanner(), process_group=self.group)
+        try:
+            dcp.load(template, storage_reader=dcp.FileSystemReader(str(path)),
+                     planner=SafeLoadPlanner(), process_group=self.group)
+        except CheckpointException as e:  # raised on every rank when any rank failed
+            raise CheckpointError(f"Loading checkpoint {path} failed: {failure_summary(e)}\n"
+                                  f"It verified, so its bytes are as written; if a non-tensor value "
+                                  f"needs the unsafe unpickler, the checkpoint was not written by this "
+                                  f"launcher and should not be trusted.") from None
         return template
 
     @staticmethod
@@ -304,7 +310,7 @@ class CheckpointManager:
         try:
             dcp.save(state, storage_writer=writer, process_group=self.group)
         except CheckpointException as e:  # raised on every rank when any rank failed
-            raise CheckpointError(f"writing checkpoint {name} to {tmp} failed: {e}") from None
+            raise CheckpointError(f"writing checkpoint {name} to {tmp} failed: {failure_summary(e)}") from None
         faults.hit("after_dcp_save", step, self.rank)
         described, error = self._describe_own_files(tmp, name, info)
         gathered = self._gather(described)
@@ -419,6 +425,17 @@ class CheckpointManager:
                     "step": info["step"]}
         return best
 
+
+
+def failure_summary(e: CheckpointException) -> str:
+    """One line per failed rank: the exception type and the first line of its message."""
+    lines = []
+    for rank, failure in sorted(e.failures.items()):
+        exc = failure[0] if isinstance(failure, tuple) else failure
+        text = str(exc).strip().splitlines()
+        detail = next((t.strip() for t in text if "WeightsUnpickler error" in t), text[0] if text else "")
+        lines.append(f"rank {rank}: {type(exc).__name__}: {detail}")
+    return "; ".join(lines) or str(e)
 
 
 def _is_entry(root: Path, name: Any) -> bool:
