@@ -34,13 +34,19 @@ class TrainConfig:
     """Settings shared by every trainer."""
 
     max_steps: int = 100  # total optimizer steps of the run (not of this attempt)
+    epochs: int = 0  # if > 0, the run's length in epochs instead of max_steps
     seed: int = 0  # seeds data order, model init and every rank's RNG
     log_interval: int = 10  # progress line every N steps when output is not a terminal
     eval_every_epoch: bool = True  # run the trainer's evaluation at each epoch end
 
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """Optimizer steps of the whole run: ``epochs`` epochs if set, else ``max_steps``."""
+        return self.epochs * steps_per_epoch if self.epochs else self.max_steps
+
     def __post_init__(self) -> None:
         check = Checks("train")
         check(self.max_steps >= 1, "max_steps", self.max_steps, "an integer >= 1")
+        check(self.epochs >= 0, "epochs", self.epochs, "an integer >= 0")
         check(self.seed >= 0, "seed", self.seed, "an integer >= 0")
         check(self.log_interval >= 1, "log_interval", self.log_interval, "an integer >= 1")
         check.done()

@@ -219,7 +219,7 @@ class Job:
 
     @property
     def total_steps(self) -> int:
-        return self.cfg.train.max_steps
+        return self.cfg.train.total_steps(self.trainer.steps_per_epoch())
 
     def _loop(self) -> int:
         spe = self.trainer.steps_per_epoch()

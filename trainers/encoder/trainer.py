@@ -132,7 +132,7 @@ class EncoderTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
 
     def _lr_factor(self, schedule_step: int) -> float:
-        o, total = self.cfg.optim, self.cfg.train.max_steps - self.schedule_offset
+        o, total = self.cfg.optim, self.cfg.train.total_steps(self.steps_per_epoch()) - self.schedule_offset
         return warmup_cosine(o.warmup_steps, total, o.min_lr_ratio)(schedule_step)
 
     def steps_per_epoch(self) -> int:
