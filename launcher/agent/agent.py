@@ -1,0 +1,199 @@
+"""``FtAgent``: torch's ``LocalElasticAgent`` with hang detection and an explicit restart policy.
+
+Everything torch's agent does well is kept: rendezvous (``DynamicRendezvousHandler``),
+rank assignment, worker start-up and environment, the exit barrier, signal forwarding.
+What changes, and why:
+
+* ``_invoke_run`` (the monitor loop) asks :class:`~launcher.agent.policy.RestartPolicy` what
+  to do with each monitor result instead of branching inline, so budget, back-off, crash-loop
+  guard and "do not restart" exit codes are decided in one pure, tested place.
+* ``_monitor_workers`` also reads the ranks' progress reports and reports a worker group with
+  a rank that made no progress for ``--hang-timeout`` as ``UNHEALTHY`` (torch's agent only
+  sees processes that exit; a rank stuck in a collective is alive forever).
+* ``_stop_workers`` kills with SIGKILL. Torch sends SIGTERM and waits up to 30 s; our workers
+  treat SIGTERM as "preempted: checkpoint and exit 75", and a rank blocked in a collective
+  with a dead peer never reaches the end of its step, so every restart would cost the full
+  wait. Nothing is lost: the job resumes from its latest verified checkpoint.
+* Failures, restarts and recoveries go to ``RUN_DIR/events.jsonl`` (:mod:`.report`).
+
+Worker states are torch's ``WorkerState``: ``HEALTHY`` -> ``FAILED`` (a worker exited non-zero),
+``UNHEALTHY`` (a hang, found here), ``SUCCEEDED``; the agent's own phase is
+:class:`~launcher.agent.policy.Phase`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch.distributed.elastic.agent.server.api import DEFAULT_ROLE, RunResult, WorkerGroup, WorkerState
+from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+from launcher.agent.policy import Action, Decision, Observation, PolicyConfig, RestartPolicy, Seen
+from launcher.agent.progress import ProgressMonitor
+from launcher.agent.report import Recorder
+
+log = logging.getLogger("ftrun")
+
+PROGRESS_ENV = "FTRUN_PROGRESS_FILE"  # read by the workers through launcher/env.py
+
+
+@dataclass
+class AgentOptions:
+    """What ftrun adds to torchrun's launch config."""
+
+    run_dir: Path | None  # where events.jsonl, progress reports and stack dumps go (None: a temp dir)
+    progress_template: str  # per-rank progress file, containing "{rank}"
+    hang_timeout: float = 600.0  # --hang-timeout: seconds without progress before a rank counts as hung
+    long_activity_factor: float = 3.0  # saves and evaluations may take this many times longer
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    stop_timeout: int = 10  # seconds to wait for killed workers to be reaped
+    stack_dump_wait: float = 2.0  # seconds to let faulthandler write a hung worker's stacks
+
+
+class FtAgent(LocalElasticAgent):
+    """A ``LocalElasticAgent`` whose monitor loop is driven by :class:`RestartPolicy`."""
+
+    def __init__(self, spec, logs_specs, options: AgentOptions, recorder: Recorder | None = None, **kwargs):
+        super().__init__(spec, logs_specs, **kwargs)
+        self.options = options
+        self.policy = RestartPolicy(options.policy)
+        self.progress = ProgressMonitor(options.progress_template, options.hang_timeout,
+                                        options.long_activity_factor)
+        self.recorder = recorder or Recorder(options.run_dir)
+        self.final: Decision | None = None
+        self._hung: dict[int, str] = {}
+        # Workers inherit the agent's environment (torch's subprocess handler copies os.environ).
+        os.environ[PROGRESS_ENV] = options.progress_template
+
+    # ------------------------------------------------------------------ loop
+
+    def _invoke_run(self, role: str = DEFAULT_ROLE) -> RunResult:
+        wg = self._worker_group
+        log.info("ftrun: starting workers for %s (hang timeout %.0f s, %d restarts allowed)",
+                 wg.spec.get_entrypoint_name(), self.options.hang_timeout, self.options.policy.max_restarts)
+        self._initialize_workers(wg)
+        while True:
+            time.sleep(wg.spec.monitor_interval)
+            result = self._monitor_workers(wg)
+            wg.state = result.state
+            decision = self.policy.decide(self._observe(result))
+            if decision.action is Action.CONTINUE:
+                continue
+            if decision.action is Action.SUCCEED:
+                self.final = decision
+                self._exit_barrier()
+                return result
+            self._record(result, decision)
+            if decision.action is Action.STOP:
+                log.error("ftrun: stopping: %s", decision.reason)
+                self._stop_workers(wg)
+                wg.state = WorkerState.FAILED
+                self.final = decision
+                self.recorder.stopped(decision.reason, decision.exit_code or 1)
+                return result
+            self._restart(wg, decision)
+
+    def _observe(self, result: RunResult) -> Observation:
+        state = result.state
+        if state is WorkerState.SUCCEEDED:
+            return Observation(Seen.SUCCEEDED)
+        if state is WorkerState.UNHEALTHY:
+            return Observation(Seen.HUNG, progressed=self.progress.progressed)
+        if state is WorkerState.HEALTHY:
+            waiting = self._worker_group.spec.rdzv_handler.num_nodes_waiting()
+            return Observation(Seen.NODE_WAITING if waiting > 0 else Seen.HEALTHY)
+        codes = tuple(f.exitcode for f in result.failures.values()) or (1,)
+        return Observation(Seen.FAILED, exit_codes=codes, progressed=self.progress.progressed)
+
+    def _restart(self, wg: WorkerGroup, decision: Decision) -> None:
+        # Workers read TORCHELASTIC_RESTART_COUNT from this (torch computes it from the budget).
+        self._remaining_restarts = wg.spec.max_restarts - self.policy.restarts
+        self.recorder.restart(self.policy.restarts, decision.reason, decision.delay, decision.counts)
+        log.warning("ftrun: restarting workers (%s); restart %d of %d%s", decision.reason, self.policy.restarts,
+                    wg.spec.max_restarts, f" after {decision.delay:.1f} s back-off" if decision.delay else "")
+        self._stop_workers(wg)
+        wg.state = WorkerState.STOPPED
+        if decision.delay:
+            time.sleep(decision.delay)
+        self._initialize_workers(wg)
+
+    def _record(self, result: RunResult, decision: Decision) -> None:
+        restarts = self.policy.restarts
+        if result.state is WorkerState.HEALTHY:  # a node waits to join
+            self.recorder.failure("membership", self.progress, restarts, detail=decision.reason)
+        elif result.state is WorkerState.UNHEALTHY:
+            where = self._dump_stacks()
+            self.recorder.failure("hang", self.progress, restarts, ranks=sorted(self._hung),
+                                  detail=list(self._hung.values()), stacks=where)
+        else:
+            ranks = [{"rank": r, "exit_code": f.exitcode, "signal": f.signal_name() if f.exitcode < 0 else None}
+                     for r, f in sorted(result.failures.items())]
+            self.recorder.failure("worker_exit", self.progress, restarts, ranks=ranks,
+                                  exit_code=ranks[0]["exit_code"] if ranks else None,
+                                  signal=ranks[0]["signal"] if ranks else None)
+
+    # ------------------------------------------------------------------ torch hooks
+
+    def _initialize_workers(self, worker_group: WorkerGroup) -> None:
+        super()._initialize_workers(worker_group)
+        self.progress.start_attempt({w.global_rank: w.id for w in worker_group.workers})
+        self.recorder.group_rank = worker_group.group_rank
+        self.policy.restarted()
+        self._hung = {}
+
+    def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
+        result = super()._monitor_workers(worker_group)
+        if result.state is not WorkerState.HEALTHY:
+            return result
+        self.progress.poll()
+        self.recorder.check_recovered(self.progress, self.policy.restarts)
+        self._hung = self.progress.hung()
+        if self._hung:
+            for line in self._hung.values():
+                log.error("ftrun: hang: %s", line)
+            return RunResult(state=WorkerState.UNHEALTHY)
+        return result
+
+    def _stop_workers(self, worker_group: WorkerGroup) -> None:
+        self._shutdown(signal.SIGKILL, timeout=self.options.stop_timeout)
+
+    # ------------------------------------------------------------------ hangs
+
+    def _dump_stacks(self) -> str:
+        """Print every local worker's Python stacks before the hung group is killed."""
+        pids = {w.global_rank: w.id for w in self._worker_group.workers if w.id is not None}
+        pyspy = shutil.which("py-spy")
+        if pyspy:
+            out_dir = (self.options.run_dir or Path(self.options.progress_template).parent) / "stacks"
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for rank, pid in pids.items():
+                path = out_dir / f"hang-{int(time.time())}-rank{rank}.txt"
+                try:
+                    text = subprocess.run([pyspy, "dump", "--pid", str(pid)], capture_output=True, text=True,
+                                          timeout=60).stdout
+                except (OSError, subprocess.TimeoutExpired) as e:
+                    text = f"py-spy failed: {e}"
+                path.write_text(text)
+                log.error("ftrun: stacks of hung rank %d (pid %d) in %s", rank, pid, path)
+            return str(out_dir)
+        # Ranks that report progress registered faulthandler on SIGUSR2 (launcher/heartbeat.py);
+        # a stopped process handles it once continued. Others would die of SIGUSR2: skip them.
+        reported = self.progress.reported_pids()
+        for rank, pid in pids.items():
+            if pid not in reported:
+                continue
+            log.error("ftrun: asking hung rank %d (pid %d) for its Python stacks (SIGUSR2; on its stderr)", rank, pid)
+            try:
+                os.kill(pid, signal.SIGUSR2)
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                continue
+        time.sleep(self.options.stack_dump_wait)
+        return "worker stderr (faulthandler)"

@@ -1,0 +1,162 @@
+"""A few "nodes" on 127.0.0.1 for agent chaos tests and ``scripts/bench_recovery.py``.
+
+Each node is one agent process (``ftrun`` or stock ``torchrun``) in its own session, so a
+whole node (agent and workers) is lost with one ``killpg``. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import psutil
+
+from helpers import FAST, PY, RUN, child_env, config_path, free_port, start, stop, tail
+
+# Chaos runs need enough steps to strike at random moments; evaluation is off to keep them short.
+CHAOS_ARGS = ["--set", "data.synthetic_length=4096", "--set", "train.eval_every_epoch=false",
+              "--set", "train.log_interval=10"]
+
+
+def script_args(run_dir: Path, steps: int, interval: int = 10, extra: Sequence[str] = ()) -> list[str]:
+    return [RUN, "--config", config_path("encoder"), "--run-dir", str(run_dir), *FAST["encoder"], *CHAOS_ARGS,
+            "--set", f"train.max_steps={steps}", "--set", f"checkpoint.interval_steps={interval}", *extra]
+
+
+@dataclass
+class Cluster:
+    """Agents of one job on localhost; ``launcher`` is "ftrun" or "torchrun"."""
+
+    workdir: Path
+    script: list[str]
+    nnodes: str = "2"
+    launcher: str = "ftrun"
+    agent_args: list[str] = field(default_factory=list)
+    port: int = field(default_factory=free_port)
+    rdzv_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    nodes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def command(self) -> list[str]:
+        module = "launcher" if self.launcher == "ftrun" else "torch.distributed.run"
+        return [PY, "-m", module, f"--nnodes={self.nnodes}", "--nproc_per_node=1", "--rdzv_backend=c10d",
+                f"--rdzv_endpoint=127.0.0.1:{self.port}", f"--rdzv_id={self.rdzv_id}", "--monitor_interval=0.5",
+                *self.agent_args, *self.script]
+
+    def log(self, name: str) -> Path:
+        return self.workdir / f"{name}.log"
+
+    def start_node(self, name: str) -> subprocess.Popen:
+        proc = start(self.command(), self.log(name), child_env())
+        self.nodes[name] = proc
+        return proc
+
+    def wait_store(self, timeout: float = 60) -> None:
+        """Wait until some agent listens on the rendezvous port (it hosts the store)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(c.laddr.port == self.port and c.status == psutil.CONN_LISTEN
+                   for c in psutil.net_connections("tcp")):
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"no agent listened on 127.0.0.1:{self.port} within {timeout}s\n{self.tails()}")
+
+    def workers(self, name: str) -> list[psutil.Process]:
+        """The node's live training processes."""
+        try:
+            kids = psutil.Process(self.nodes[name].pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        out = []
+        for p in kids:
+            try:
+                if RUN in p.cmdline() and p.status() != psutil.STATUS_ZOMBIE:
+                    out.append(p)
+            except psutil.NoSuchProcess:
+                continue
+        return out
+
+    def kill_node(self, name: str) -> None:
+        stop(self.nodes[name], signal.SIGKILL)
+
+    def wait_all(self, timeout: float) -> dict[str, int]:
+        deadline = time.monotonic() + timeout
+        codes = {}
+        for name, proc in self.nodes.items():
+            try:
+                codes[name] = proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                codes[name] = None
+        return codes
+
+    def close(self) -> None:
+        for proc in self.nodes.values():
+            if proc.poll() is None:
+                stop(proc, signal.SIGKILL)
+
+    def tails(self, n: int = 40) -> str:
+        return "\n".join(f"--- {name} ---\n{tail(self.log(name), n)}" for name in self.nodes)
+
+
+def steps_done(run_dir: Path) -> int:
+    """The last completed step in rank 0's metrics.jsonl (0 if none yet)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    last = 0
+    try:
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if "loss" in rec:
+                last = rec["step"]
+    except FileNotFoundError:
+        pass
+    return last
+
+
+def step_times(run_dir: Path) -> list[tuple[int, float]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    out = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if "loss" in rec:
+            out.append((rec["step"], rec["time"]))
+    return out
+
+
+def wait_step(run_dir: Path, step: int, timeout: float, cluster: Cluster | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if steps_done(run_dir) >= step:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached within {timeout}s (at {steps_done(run_dir)})\n"
+                         f"{cluster.tails() if cluster else ''}")
+
+
+def first_step_after(run_dir: Path, t: float, timeout: float) -> float | None:
+    """Seconds from ``t`` to the first step completed after it, or None if none within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        later = [ts for _, ts in step_times(run_dir) if ts > t]
+        if later:
+            return later[0] - t
+        time.sleep(0.05)
+    return None
+
+
+def signal_proc(proc: psutil.Process, sig: int) -> None:
+    try:
+        os.kill(proc.pid, sig)
+    except ProcessLookupError:
+        pass
