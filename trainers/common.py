@@ -73,9 +73,11 @@ def load_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimiz
 def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     """Mean over ranks (a no-op cost at world size 1)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        values = values.clone()
-        dist.all_reduce(values)
-        values /= dist.get_world_size()
+        device = values.device
+        # NCCL reduces only CUDA tensors; gloo reduces them where they are.
+        work = values.to(f"cuda:{torch.cuda.current_device()}") if dist.get_backend() == "nccl" else values.clone()
+        dist.all_reduce(work)
+        values = (work / dist.get_world_size()).to(device)
     return values
 
 
