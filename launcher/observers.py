@@ -28,6 +28,7 @@ log = logging.getLogger("launcher")
 progress_log = logging.getLogger("launcher.progress")
 
 TENSORBOARD = "tensorboard"
+PLOT_TIME_SHARE = 10  # redraw at an epoch end only if this many plot durations passed since the last
 
 
 def _hms(seconds: float) -> str:
@@ -196,6 +197,8 @@ class RunObserver(Observer):
         self.tb: TensorBoardLog | None = None
         self.run_dir: Path | None = None
         self._restarts_pending = False
+        self._plot_seconds = 0.0  # how long the last plot took to draw
+        self._plotted_at = float("-inf")  # when it was drawn (time.monotonic)
 
     #: The loop leaves per-step progress lines to this observer.
     reports_progress = True
@@ -219,7 +222,10 @@ class RunObserver(Observer):
 
     def on_eval(self, record: dict[str, Any]) -> None:
         self.tb.evaluation(record)
-        self._plot()
+        # Redrawn at each epoch end, unless epochs are so short that drawing would take more
+        # than a tenth of the training time (a plot takes ~0.3-1 s); always at the end.
+        if time.monotonic() - self._plotted_at >= PLOT_TIME_SHARE * self._plot_seconds:
+            self._plot()
 
     def on_save(self, step: int, reason: str, seconds: float) -> None:
         self.tb.scalar("perf/checkpoint_save_seconds", seconds, step)
@@ -240,12 +246,16 @@ class RunObserver(Observer):
         log.info("%s\n  summary: %s", summary.format_text(result), self.run_dir / summary.FILE)
 
     def _plot(self) -> None:
+        started = time.monotonic()
         try:
             path = plots.plot_run(self.run_dir)
         except Exception as e:  # noqa: BLE001 -- a plot must never end a training run
             log.warning("Could not draw the loss plot: %s: %s", type(e).__name__, e)
             return
-        log.debug("Loss plot refreshed: %s", path)
+        finally:
+            self._plotted_at = time.monotonic()
+            self._plot_seconds = self._plotted_at - started
+        log.debug("Loss plot refreshed in %.2f s: %s", self._plot_seconds, path)
 
     def close(self) -> None:
         if self.progress is not None:

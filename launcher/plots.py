@@ -6,7 +6,8 @@ epoch end or a user runs ``python -m launcher.ckpt plot RUN_DIR`` after the job 
 
 Panels: the per-step training loss (raw and smoothed) with the epoch-end train and
 validation losses; the learning rate; and, when the trainer reports any, the other
-evaluation metrics (recall@K, NDCG@K, reward...). Each resume is a dashed vertical line.
+evaluation metrics (recall@K, NDCG@K...) and the other per-step metrics (the recommender's
+reward...). Each resume is a dashed vertical line.
 """
 
 from __future__ import annotations
@@ -66,15 +67,21 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     steps = _series([r for r in records if not is_eval(r)])
     evals = _series([r for r in records if is_eval(r)])
     others = {k: v for k, v in evals.items() if not is_loss_like(k)}
+    extras = {k: v for k, v in steps.items() if k not in ("loss", "lr")}
     resumes = resume_points(run_dir)
 
-    rows = 2 + bool(others)
-    fig = Figure(figsize=(10, 3.2 * rows + 0.6), layout="constrained")
+    rows = 2 + bool(others) + bool(extras)
+    height = 3.2 * rows + 0.6
+    fig = Figure(figsize=(10, height))
+    # Fixed margins: an automatic layout engine costs as much as the drawing itself.
+    fig.subplots_adjust(left=0.08, right=0.98, top=1 - 0.55 / height, bottom=0.5 / height, hspace=0.3)
     axes = fig.subplots(rows, 1, sharex=True, squeeze=False)[:, 0]
     _draw_losses(axes[0], steps, evals)
     _draw_lr(axes[1], steps)
     if others:
-        _draw_others(axes[2], others)
+        _draw_others(axes[2], others, "evaluation metrics (higher is better)", marker="o")
+    if extras:
+        _draw_others(axes[-1], extras, "other per-step metrics", marker=None)
     for ax in axes:
         for i, s in enumerate(resumes):
             ax.axvline(s, color="tab:red", linestyle="--", linewidth=1, alpha=0.8,
@@ -120,9 +127,8 @@ def _draw_lr(ax, steps: dict) -> None:
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
 
 
-def _draw_others(ax, others: dict) -> None:
-    for k, (x, y) in sorted(others.items()):
-        ax.plot(x, y, marker="o", linewidth=1.2, label=k)
-    ax.set_ylabel("evaluation")
-    ax.set_title("evaluation metrics (higher is better)", fontsize=10, loc="left")
+def _draw_others(ax, series: dict, title: str, marker: str | None) -> None:
+    for k, (x, y) in sorted(series.items()):
+        ax.plot(x, y, marker=marker, linewidth=1.2, label=k)
+    ax.set_title(title, fontsize=10, loc="left")
     ax.legend(loc="best", fontsize=8)

@@ -1,0 +1,1 @@
+"""Examples of user code run by the launcher (``examples.my_trainer:MyTrainer``)."""
