@@ -36,7 +36,8 @@ from typing import Any, Callable
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from launcher.checkpoint import files, meta  # noqa: E402
+from launcher.checkpoint import files, find, meta  # noqa: E402
+from launcher.checkpoint.files import CheckpointError  # noqa: E402
 
 EXIT_OK, EXIT_BAD_CHECKPOINT, EXIT_USAGE = 0, 1, 2
 
@@ -147,9 +148,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def _root(path: Path) -> Path:
-    from launcher.checkpoint.manager import CheckpointError  # noqa: PLC0415
     try:
-        return _offline().checkpoints_root(path)
+        return find.checkpoints_root(path)
     except CheckpointError as e:
         raise ToolError(str(e)) from None
 
@@ -162,7 +162,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     path = args.path
     if not path.exists():
         raise ToolError(f"{path}: no such file or directory")
-    if _offline().is_checkpoint(path):
+    if find.is_checkpoint(path):
         targets = [path]
     else:
         root = _root(path)
@@ -219,9 +219,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _checkpoint(path: Path) -> Path:
-    from launcher.checkpoint.manager import CheckpointError  # noqa: PLC0415
     try:
-        return _offline().resolve_checkpoint(path)
+        return find.resolve_checkpoint(path)
     except CheckpointError as e:
         raise ToolError(str(e), EXIT_BAD_CHECKPOINT) from None
 
@@ -256,7 +255,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _load(path: Path, keys: list[str] | None = None) -> dict[str, Any]:
-    from launcher.checkpoint.manager import CheckpointError  # noqa: PLC0415
     try:
         return _offline().load_full(path, keys)
     except CheckpointError as e:
@@ -341,7 +339,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     root = _root(args.run_dir)
     lock = _locked(root.parent)
     try:
-        newest, _ = _offline().newest_verified(root)
+        newest, _ = find.newest_verified(root)
         if newest is None:
             raise ToolError(f"{root}: no checkpoint verifies; refusing to delete anything", EXIT_BAD_CHECKPOINT)
         m, _ = meta.read_meta(root)

@@ -29,6 +29,10 @@ HMAC_ENV = "FTLAUNCH_HMAC_KEY"
 _CHUNK = 8 * 2**20
 
 
+class CheckpointError(RuntimeError):
+    """No usable checkpoint, or one that does not fit this run. Exit code 3."""
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename or a new file in ``path`` durable."""
     fd = os.open(path, os.O_RDONLY)

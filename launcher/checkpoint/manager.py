@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from launcher.checkpoint import faults, files, meta
+from launcher.checkpoint.files import CheckpointError  # noqa: F401  (re-exported: training imports it here)
 from launcher.checkpoint.staging import Stager, assign_owners, tensor_signatures
 from launcher.checkpoint.retention import select_deletions
 from launcher.config import CheckpointConfig
@@ -45,10 +46,6 @@ from launcher.config import CheckpointConfig
 log = logging.getLogger("launcher.checkpoint")
 
 KEEP_VERIFIED = 5  # length of meta.json's list of earlier verified checkpoints
-
-
-class CheckpointError(RuntimeError):
-    """No usable checkpoint, or one that does not fit this run. Exit code 3."""
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):

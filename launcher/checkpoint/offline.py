@@ -17,62 +17,15 @@ from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlan
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from launcher.checkpoint import files, meta
-from launcher.checkpoint.manager import CheckpointError, SafeLoadPlanner
+from launcher.checkpoint.files import CheckpointError
+from launcher.checkpoint.find import require_verified
+from launcher.checkpoint.manager import SafeLoadPlanner
 
 
 class _SafeFullLoadPlanner(_EmptyStateDictLoadPlanner):
     """Rebuilds the whole state dict from the checkpoint's metadata (no template needed)."""
 
     load_bytes = SafeLoadPlanner.load_bytes
-
-
-def checkpoints_root(path: Path) -> Path:
-    """``RUN_DIR`` or ``RUN_DIR/checkpoints`` -> the checkpoints directory."""
-    path = Path(path)
-    if (path / "checkpoints").is_dir():
-        return path / "checkpoints"
-    if path.is_dir() and (path.name == "checkpoints" or (path / meta.META).exists() or meta.scan(path)):
-        return path
-    raise CheckpointError(f"{path}: not a run directory (no checkpoints/ inside) and not a checkpoints directory")
-
-
-def is_checkpoint(path: Path) -> bool:
-    """``path`` looks like one checkpoint directory (it has a manifest or DCP metadata)."""
-    path = Path(path)
-    return path.is_dir() and ((path / files.MANIFEST).exists() or (path / files.DCP_METADATA).exists()
-                              or (path / files.INFO).exists())
-
-
-def newest_verified(root: Path) -> tuple[Path | None, list[str]]:
-    """The checkpoint a resume would pick, and one line per checkpoint skipped on the way."""
-    names, notes = meta.candidates(root)
-    skipped = list(notes)
-    for name in names:
-        check = files.verify(root / name)
-        if check.ok:
-            return root / name, skipped
-        skipped.append(f"{name}: {check.reason()}")
-    return None, skipped
-
-
-def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint directory as given, or a run directory's newest verified checkpoint."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or directory")
-    if is_checkpoint(path):
-        return path
-    found, skipped = newest_verified(checkpoints_root(path))
-    if found is None:
-        tried = "".join(f"\n  - {s}" for s in skipped) or " (no checkpoints)"
-        raise CheckpointError(f"{path}: no checkpoint verifies; tried:{tried}")
-    return found
-
-
-def require_verified(path: Path) -> None:
-    check = files.verify(path)
-    if not check.ok:
-        raise CheckpointError(f"{path} does not verify, refusing to read it: {check.reason()}")
 
 
 def load_full(path: Path, keys: list[str] | None = None) -> dict[str, Any]:
