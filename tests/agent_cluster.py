@@ -83,7 +83,16 @@ class Cluster:
         return out
 
     def kill_node(self, name: str) -> None:
-        stop(self.nodes[name], signal.SIGKILL)
+        """Lose the node: SIGKILL its agent and its workers (torch starts each worker in a new
+        session, so the agent's process group alone would leave them running)."""
+        proc = self.nodes[name]
+        try:
+            family = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            family = []
+        stop(proc, signal.SIGKILL)
+        for p in family:
+            signal_proc(p, signal.SIGKILL)
 
     def wait_all(self, timeout: float) -> dict[str, int]:
         deadline = time.monotonic() + timeout
@@ -96,9 +105,9 @@ class Cluster:
         return codes
 
     def close(self) -> None:
-        for proc in self.nodes.values():
+        for name, proc in self.nodes.items():
             if proc.poll() is None:
-                stop(proc, signal.SIGKILL)
+                self.kill_node(name)
 
     def tails(self, n: int = 40) -> str:
         return "\n".join(f"--- {name} ---\n{tail(self.log(name), n)}" for name in self.nodes)

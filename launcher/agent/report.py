@@ -17,6 +17,7 @@ reports (late by at most the report throttle, 0.5 s).
 
 from __future__ import annotations
 
+import json
 import socket
 import statistics
 import time
@@ -60,12 +61,12 @@ class Recorder:
             events.append(self.run_dir, kind, **{k: v for k, v in record.items() if k not in ("kind", "time")})
         return record
 
-    def last_step(self, monitor: ProgressMonitor) -> int | None:
+    def last_step(self, monitor: ProgressMonitor | None) -> int | None:
         """The last step completed so far: rank 0's metrics if readable, else the progress reports."""
         steps = [r["step"] for r in self._metrics() if "loss" in r]
         if steps:
             return max(steps)
-        return monitor.last_step
+        return monitor.last_step if monitor else None
 
     def failure(self, kind: str, monitor: ProgressMonitor, restart_count: int, **fields: Any) -> None:
         last = self.last_step(monitor)
@@ -97,9 +98,10 @@ class Recorder:
 
     def store_lost(self, **fields: Any) -> None:
         """The per-node supervisor lost the rendezvous store and starts a new agent."""
-        rec = self._append("store_lost", **fields)
+        last = self.last_step(None)
+        rec = self._append("store_lost", last_step=last, **fields)
         if self.pending is None:
-            self.pending = _Pending(rec["time"], "store_lost", None)
+            self.pending = _Pending(rec["time"], "store_lost", last)
 
     def stopped(self, reason: str, exit_code: int) -> None:
         self._append("agent_stop", reason=reason, exit_code=exit_code)
@@ -108,9 +110,16 @@ class Recorder:
         if self.run_dir is None:
             return []
         try:
-            return metrics_log.read(self.run_dir)
-        except ValueError:  # a torn last line while rank 0 writes it: try again next interval
+            lines = (Path(self.run_dir) / metrics_log.FILE).read_text().splitlines()
+        except FileNotFoundError:
             return []
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue  # a torn last line: rank 0 was killed, or is writing it right now
+        return out
 
     # ------------------------------------------------------------------ summary
 
