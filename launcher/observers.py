@@ -13,6 +13,7 @@ broken font cache must not end a training run.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -51,6 +52,19 @@ class _AboveBar:
         self.stream.flush()
 
 
+def _has_size(stream: TextIO) -> bool:
+    """False for a terminal that reports no size, where tqdm then needs a fixed one.
+
+    A pseudo-terminal that was never given a size (``script``, some CI runners, ``docker run -t``
+    before the first resize) reports 0 x 0, and tqdm would treat the bar as off-screen and draw
+    nothing.
+    """
+    try:
+        return os.get_terminal_size(stream.fileno()).columns > 0
+    except (AttributeError, OSError, ValueError):
+        return True
+
+
 class ProgressDisplay:
     """A tqdm bar on a terminal; otherwise a plain line every ``interval`` steps.
 
@@ -73,8 +87,9 @@ class ProgressDisplay:
         if self.terminal:
             self._print_above_bar()
             self._to_file_only()
-            self._bar = tqdm(total=total, initial=start, unit="step", file=self.stream, dynamic_ncols=True,
-                             desc="train", smoothing=0.1)
+            sized = _has_size(self.stream)
+            self._bar = tqdm(total=total, initial=start, unit="step", file=self.stream, desc="train", smoothing=0.1,
+                             dynamic_ncols=sized, ncols=None if sized else 100, nrows=None if sized else 24)
 
     def _print_above_bar(self) -> None:
         """Route console log lines through ``tqdm.write`` so they do not tear the bar.

@@ -77,20 +77,38 @@ def worker_starts(run_dir: Path) -> list[dict[str, Any]]:
     return [ev for ev in events.read(run_dir) if ev.get("kind") == "worker_start"]
 
 
-def agent_report(run_dir: Path) -> dict[str, Any]:
-    """The agent's own account of restarts and goodput, if it recorded one in ``events.jsonl``.
+def agent_report(run_dir: Path, now: float) -> dict[str, Any]:
+    """The agent's record of restarts, lost work and goodput, if ``ftrun`` ran the job.
 
-    The agent (``ftrun``) appends failures, restarts and, at exit, a summary with ``goodput``.
-    The newest event carrying a ``goodput`` field is taken as its account; without one, the
-    count of events whose kind names a restart is reported. Empty when the job ran without
-    the agent (plain ``python`` or stock ``torchrun``).
+    ``ftrun`` appends ``failure``, ``restart`` and ``recovered`` events (``launcher/agent/report.py``);
+    with several nodes each agent appends its own, so they are counted once per restart
+    (``restart_count``). Goodput, the share of wall time since the first worker start spent on
+    steps that were kept, uses the agent's own measure of kept step time. Empty when no agent
+    recorded anything (plain ``python``, stock ``torchrun``, or a run without failures).
     """
+    from launcher.agent.report import kept_step_seconds  # one definition of goodput, the agent's
+
     evs = events.read(run_dir)
-    with_goodput = [ev for ev in evs if "goodput" in ev]
-    if with_goodput:
-        return {k: v for k, v in with_goodput[-1].items() if k not in ("time", "kind")}
-    restarts = [ev for ev in evs if "restart" in str(ev.get("kind", "")) and ev.get("kind") != "worker_start"]
-    return {"restarts": len(restarts)} if restarts else {}
+    restarts = {ev.get("restart_count") for ev in evs if ev.get("kind") == "restart" and ev.get("counts", True)}
+    recovered: dict[Any, dict[str, Any]] = {}
+    for ev in evs:
+        if ev.get("kind") == "recovered":
+            recovered.setdefault(ev.get("restart_count"), ev)
+    failures = {ev.get("restart_count") for ev in evs if ev.get("kind") == "failure"}
+    if not (restarts or recovered or failures):
+        return {}
+    out: dict[str, Any] = {
+        "failures": len(failures), "restarts": len(restarts),
+        "steps_lost": sum(ev.get("steps_lost") or 0 for ev in recovered.values()),
+        "downtime_seconds": round(sum(ev.get("recovery_seconds") or 0.0 for ev in recovered.values()), 3),
+    }
+    starts = [ev["time"] for ev in evs
+              if ev.get("kind") == "worker_start" and isinstance(ev.get("time"), (int, float))]
+    if starts and now > starts[0]:
+        kept = kept_step_seconds(read_metrics(run_dir), starts, starts[0], now)
+        if kept is not None:
+            out["goodput"] = round(kept / (now - starts[0]), 4)
+    return out
 
 
 def checkpoint_meta(run_dir: Path) -> dict[str, Any]:

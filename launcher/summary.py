@@ -38,7 +38,7 @@ def build(run_dir: Path, loop: dict[str, Any], now: float | None = None) -> dict
         "attempts": len(starts),
         "resumed_at": list(loop.get("resumed_at", [])),
     }
-    agent = agent_report(run_dir)
+    agent = agent_report(run_dir, now)
     if agent:
         out["agent"] = agent
     out["checkpoints"] = _checkpoints(run_dir)
@@ -109,8 +109,9 @@ def format_text(summary: dict[str, Any]) -> str:
         lines.append(f"  resumed at step(s): {', '.join(map(str, summary['resumed_at']))}")
     agent = summary.get("agent")
     if agent:
-        shown = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in agent.items())
-        lines.append(f"  agent: {shown}")
+        goodput = f", goodput {100 * agent['goodput']:.1f} %" if "goodput" in agent else ""
+        lines.append(f"  ftrun: {agent['restarts']} restart(s) after {agent['failures']} failure(s), "
+                     f"{agent['steps_lost']} step(s) lost, downtime {agent['downtime_seconds']:.1f} s{goodput}")
     for part in ("train", "eval"):
         final = summary["final"].get(part)
         if final:

@@ -47,15 +47,23 @@ def test_torn_metrics_line_is_skipped(tmp_path):
     assert runfiles.read_metrics(tmp_path) == [{"step": 1, "loss": 1.0}]
 
 
-def test_agent_report_prefers_the_goodput_summary(tmp_path):
-    write_lines(tmp_path / "events.jsonl", [
-        {"time": 1, "kind": "worker_start", "step": 0}, {"time": 2, "kind": "restart", "restart": 1},
-        {"time": 3, "kind": "agent_summary", "restarts": 1, "goodput": 0.93, "downtime_s": 4.5}])
-    assert runfiles.agent_report(tmp_path) == {"restarts": 1, "goodput": 0.93, "downtime_s": 4.5}
-    write_lines(tmp_path / "events.jsonl", [{"time": 2, "kind": "restart"}, {"time": 3, "kind": "restart"}])
-    assert runfiles.agent_report(tmp_path) == {"restarts": 2}
-    write_lines(tmp_path / "events.jsonl", [{"time": 1, "kind": "worker_start", "step": 0}])
-    assert runfiles.agent_report(tmp_path) == {}
+def test_agent_report_counts_each_restart_once_over_nodes(tmp_path):
+    # Two nodes' agents record the same failure and restart; steps 1-10 kept, 1 s each.
+    fake_run(tmp_path, steps=10, resumes=(4,))  # worker starts at t=0 and t=10; step s ends at 100 + s
+    node = lambda n, **ev: {"node": n, **ev}  # noqa: E731
+    with open(tmp_path / "events.jsonl", "a") as f:
+        for n in ("a", "b"):
+            f.write(json.dumps(node(n, time=11.0, kind="failure", restart_count=0, last_step=6)) + "\n")
+            f.write(json.dumps(node(n, time=12.0, kind="restart", restart_count=1, counts=True)) + "\n")
+            f.write(json.dumps(node(n, time=15.0, kind="recovered", restart_count=1, steps_lost=2,
+                                    recovery_seconds=4.0)) + "\n")
+    report = runfiles.agent_report(tmp_path, now=110.0)
+    assert report == {"failures": 1, "restarts": 1, "steps_lost": 2, "downtime_seconds": 4.0, "goodput": 0.0909}
+
+
+def test_no_agent_no_agent_report(tmp_path):
+    fake_run(tmp_path, resumes=(4,))
+    assert runfiles.agent_report(tmp_path, now=200.0) == {}
 
 
 def test_summary_final_best_and_checkpoints(tmp_path):
