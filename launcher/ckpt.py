@@ -1,4 +1,4 @@
-"""Checkpoint tools: list, verify, inspect, export, set-lr, prune, diff.
+"""Checkpoint tools: list, verify, inspect, export, set-lr, prune, diff, plot.
 
 Usage::
 
@@ -9,6 +9,7 @@ Usage::
     python -m launcher.ckpt set-lr PATH LR [--out NEW_CHECKPOINT]
     python -m launcher.ckpt prune RUN_DIR --keep-last N [--keep-every K] [--dry-run]
     python -m launcher.ckpt diff A B               # config and metric differences
+    python -m launcher.ckpt plot RUN_DIR [--out PNG]  # redraw the loss plot of the whole run
 
 (also installed as ``ftlaunch-ckpt``). Exit codes: 0 done; 1 a checkpoint failed verification
 (``verify``) or could not be used; 2 bad command line or input.
@@ -393,6 +394,20 @@ def _metric_rows(ia: dict, ib: dict) -> list[tuple[str, Any, Any]]:
     ma, mb = ia.get("metrics") or {}, ib.get("metrics") or {}
     rows += [(k, ma.get(k, "-"), mb.get(k, "-")) for k in sorted(set(ma) | set(mb))]
     return rows
+
+
+# ---------------------------------------------------------------------------- plot
+
+@command("plot", "draw the run's whole loss history, resumes marked (default RUN_DIR/plots/loss.png)",
+         arg("run_dir", type=Path, help="run directory (holds metrics.jsonl)"),
+         arg("--out", type=Path, default=None, help="PNG to write instead of RUN_DIR/plots/loss.png"))
+def cmd_plot(args: argparse.Namespace) -> int:
+    from launcher.plots import plot_run  # noqa: PLC0415 -- matplotlib only for this subcommand
+    try:
+        print(plot_run(args.run_dir, args.out))
+    except FileNotFoundError as e:
+        raise ToolError(str(e)) from None
+    return EXIT_OK
 
 
 # ---------------------------------------------------------------------------- main

@@ -144,3 +144,13 @@ def test_tensorboard_purges_what_a_crashed_attempt_logged(tmp_path):
     acc.Reload()
     seen = [(e.step, e.value) for e in acc.Scalars("train/loss")]
     assert seen == [(s, 1.0) for s in range(1, 6)] + [(s, 2.0) for s in range(6, 11)]
+
+
+def test_ckpt_plot_subcommand(tmp_path, capsys):
+    from launcher import ckpt
+
+    fake_run(tmp_path / "run", resumes=(4,))
+    assert ckpt.main(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "x.png")]) == 0
+    assert (tmp_path / "x.png").read_bytes()[:4] == b"\x89PNG"
+    assert ckpt.main(["plot", str(tmp_path / "empty")]) == 2
+    assert "no metrics records to plot" in capsys.readouterr().err
