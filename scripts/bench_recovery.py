@@ -53,6 +53,7 @@ class Job:
 
     def __init__(self, workdir: Path, launcher: str, kind: str, hang_timeout: float, max_restarts: int):
         self.run_dir = workdir / "run"
+        workdir.mkdir(parents=True, exist_ok=True)
         agent_args = [f"--max_restarts={max_restarts}"]
         if launcher == "ftrun":
             agent_args += [f"--hang-timeout={hang_timeout}"]
