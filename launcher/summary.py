@@ -4,6 +4,10 @@ It describes the run, not the attempt: final and best metrics over the whole his
 (``metrics.jsonl``), wall time since the first worker started (``events.jsonl``), the
 agent's restarts and goodput when it recorded them, and where the latest and best
 checkpoints are (``checkpoints/meta.json``).
+
+Goodput here is kept step time over the wall time since the first worker start, so it reads a
+little higher than the figure in ``ftrun``'s own exit summary, which also counts the agent's
+start-up and shut-down and is printed after this one.
 """
 
 from __future__ import annotations
