@@ -97,11 +97,15 @@ def section_table(section: str, cls: type, shape: tuple[str, ...] = ()) -> list[
     return lines + [""]
 
 
-def cli_table() -> list[str]:
-    """Every flag of launcher/run.py, from its argparse parser."""
-    lines = ["| flag | value | default | description |", "|---|---|---|---|"]
-    for action in run_mod.build_parser()._actions:
+def cli_table(parser: argparse.ArgumentParser, positionals: bool = False) -> list[str]:
+    """Every flag (and, with ``positionals``, every positional argument) of ``parser``."""
+    lines = [f"| {'argument' if positionals else 'flag'} | value | default | description |", "|---|---|---|---|"]
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction) and positionals:
+            continue
         if not action.option_strings:
+            if positionals:
+                lines.append(f"| `{action.metavar or action.dest.upper()}` |  |  | {_cell(action.help)} |")
             continue
         flags = ", ".join(f"`{o}`" for o in action.option_strings)
         value = "" if action.nargs == 0 else f"`{action.metavar or action.dest.upper()}`"
@@ -132,7 +136,7 @@ def render() -> str:
         "`python launcher/run.py FLAGS` (one process) or `torchrun ... launcher/run.py FLAGS` / "
         "`ftrun ... launcher/run.py FLAGS` (see [agent.md](agent.md) for the agent's own flags).",
         "",
-        *cli_table(),
+        *cli_table(run_mod.build_parser()),
         "## Top level",
         "",
         "| key | description |",
@@ -155,7 +159,19 @@ def render() -> str:
                 ""]
         for section, section_cls in cls.config_sections.items():
             out += section_table(section, section_cls, shape)
-    return "\n".join(out).rstrip() + "\n"
+    return "\n".join(out + tools_section()).rstrip() + "\n"
+
+
+def tools_section() -> list[str]:
+    """Every subcommand of the checkpoint tools (``python -m launcher.ckpt``) and its arguments."""
+    from launcher import ckpt
+
+    out = ["## Command line: `python -m launcher.ckpt` (checkpoint tools)", "",
+           "Also installed as `ftlaunch-ckpt`; see [checkpoints.md](checkpoints.md) for the format they read.", ""]
+    sub = next(a for a in ckpt.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in sub.choices.items():
+        out += [f"### `{name}`", "", _cell(parser.description or ""), "", *cli_table(parser, positionals=True)]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
