@@ -30,6 +30,9 @@ from launcher import metrics as metrics_log
 from launcher.agent.progress import ProgressMonitor
 
 
+BREAKS = ("worker_start", "failure", "restart", "store_lost")
+
+
 @dataclass
 class _Pending:
     time: float
@@ -58,7 +61,7 @@ class Recorder:
     def _append(self, kind: str, **fields: Any) -> dict[str, Any]:
         record = {"time": self.clock(), "kind": kind, "node": self.node, "group_rank": self.group_rank, **fields}
         if self.run_dir is not None:
-            events.append(self.run_dir, kind, **{k: v for k, v in record.items() if k not in ("kind", "time")})
+            events.append(self.run_dir, kind, **{k: v for k, v in record.items() if k != "kind"})
         return record
 
     def last_step(self, monitor: ProgressMonitor | None) -> int | None:
@@ -129,8 +132,9 @@ class Recorder:
         downtime = sum(r["recovery_seconds"] for r in self.recoveries)
         if self.pending is not None:
             downtime += end - self.pending.time
-        starts = [e["time"] for e in (events.read(self.run_dir) if self.run_dir else []) if e["kind"] == "worker_start"]
-        kept = kept_step_seconds(self._metrics(), starts, self.started, end)
+        # A gap between two kept steps that spans a failure, restart or start-up is no step time.
+        breaks = [e["time"] for e in (events.read(self.run_dir) if self.run_dir else []) if e["kind"] in BREAKS]
+        kept = kept_step_seconds(self._metrics(), breaks, self.started, end)
         return {"node": self.node, "result": result, "wall_seconds": wall, "restarts": self.restarts,
                 "membership_changes": self.membership_changes, "failures": len(self.failures),
                 "failure_kinds": sorted({f["failure_kind"] for f in self.failures}),
@@ -139,18 +143,19 @@ class Recorder:
                 "goodput": kept / wall if kept is not None else None}
 
 
-def kept_step_seconds(records: list[dict[str, Any]], starts: list[float], t0: float, t1: float) -> float | None:
+def kept_step_seconds(records: list[dict[str, Any]], breaks: list[float], t0: float, t1: float) -> float | None:
     """Seconds spent on the steps in ``metrics.jsonl`` (which holds only kept steps) within [t0, t1].
 
-    A step's time is the gap to the previous step's record. The first step of an attempt
-    (a ``worker_start`` lies in the gap) would also count start-up, so it gets the median step time.
+    A step's time is the gap to the previous step's record. The first step of an attempt (one
+    of the ``breaks`` times, e.g. a ``worker_start``, lies in the gap) would also count the
+    outage and start-up, so it gets the median step time.
     """
     steps = [r for r in records if "loss" in r and "time" in r]
     if not steps:
         return None
     gaps: list[float | None] = [None]
     for prev, cur in zip(steps, steps[1:]):
-        restarted = any(prev["time"] < s <= cur["time"] for s in starts)
+        restarted = any(prev["time"] < b <= cur["time"] for b in breaks)
         gaps.append(None if restarted or cur["step"] != prev["step"] + 1 else cur["time"] - prev["time"])
     known = [g for g in gaps if g is not None]
     typical = statistics.median(known) if known else 0.0

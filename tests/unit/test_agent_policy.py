@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from launcher import exit_codes
@@ -181,5 +183,48 @@ def test_progress_needs_a_step_beyond_the_resume_point():
 def test_kept_step_seconds_skips_start_up_gaps():
     recs = [{"step": s, "loss": 1.0, "time": float(s)} for s in range(1, 6)]
     recs += [{"step": s, "loss": 1.0, "time": 100.0 + s} for s in range(6, 9)]  # resumed after a restart
-    kept = kept_step_seconds(recs, starts=[50.0], t0=0.0, t1=200.0)
+    kept = kept_step_seconds(recs, breaks=[50.0], t0=0.0, t1=200.0)
     assert kept == pytest.approx(8 * 1.0)  # 6 gaps of 1 s, and two first steps at the median 1 s
+
+
+# ---------------------------------------------------------------- events and summary
+
+
+class FakeMonitor:
+    def __init__(self, last_step=None, resumed_from=None, first_progress_time=None):
+        self.last_step, self.resumed_from, self.first_progress_time = last_step, resumed_from, first_progress_time
+
+    @property
+    def progressed(self):
+        return self.first_progress_time is not None
+
+
+def test_recorder_writes_failure_and_recovery_with_steps_lost_and_downtime(tmp_path):
+    from launcher import events
+    from launcher.agent.report import Recorder, format_summary
+
+    clock = [1000.0]
+    rec = Recorder(tmp_path, node="n0", clock=lambda: clock[0])
+    metrics = [{"step": s, "loss": 1.0, "time": 1000.0 + s} for s in range(1, 13)]  # steps 1..12, 1 s each
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics) + '{"step": 13, "lo')
+    clock[0] = 1013.0
+    rec.failure("worker_exit", FakeMonitor(last_step=11), restart_count=1, exit_code=-9, signal="SIGKILL")
+    rec.restart(1, "worker exit codes [-9]", 0.0, True)
+    # resumed from the checkpoint at step 10; rank 0 truncated metrics and completed step 11 at t=1030
+    kept = metrics[:10] + [{"step": 11, "loss": 1.0, "time": 1030.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in kept))
+    clock[0] = 1031.0
+    rec.check_recovered(FakeMonitor(last_step=10, resumed_from=10), restart_count=1)  # no new step seen yet
+    assert rec.pending is not None
+    rec.check_recovered(FakeMonitor(last_step=11, resumed_from=10, first_progress_time=1030.4), restart_count=1)
+    got = {e["kind"]: e for e in events.read(tmp_path)}
+    assert got["failure"]["last_step"] == 12  # from metrics.jsonl, the torn line ignored
+    assert got["failure"]["signal"] == "SIGKILL" and got["failure"]["node"] == "n0"
+    assert got["recovered"]["steps_lost"] == 2 and got["recovered"]["resumed_from"] == 10
+    assert got["recovered"]["recovery_seconds"] == pytest.approx(17.0)  # metrics time, not the report's
+    clock[0] = 1040.0
+    s = rec.summary("succeeded")
+    assert (s["restarts"], s["steps_lost"], s["unrecovered"]) == (1, 2, False)
+    assert s["downtime_seconds"] == pytest.approx(17.0)
+    assert s["goodput"] == pytest.approx(11 / 40)  # 11 kept steps of 1 s in 40 s of wall time
+    assert "goodput" in format_summary(s) and "steps lost      2" in format_summary(s)
