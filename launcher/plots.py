@@ -19,6 +19,8 @@ from typing import Any
 from launcher.runfiles import is_eval, read_metrics, resume_points, scalars
 
 PLOT = Path("plots") / "loss.png"
+MAX_POINTS = 4000  # per-step curves longer than this are drawn as bucket means
+MAX_MARKERS = 60  # evaluation curves with more points than this are drawn as plain lines
 _LOSS_WORDS = ("loss", "error", "mse", "mae", "perplexity", "ppl")
 
 
@@ -36,6 +38,15 @@ def _smooth(values: list[float], window: int) -> list[float]:
             total -= values[i - window]
         out.append(total / min(i + 1, window))
     return out
+
+
+def _thin(x: list[int], y: list[float], limit: int = MAX_POINTS) -> tuple[list[float], list[float]]:
+    """At most about ``limit`` points: means of consecutive buckets, so a long run draws quickly."""
+    k = -(-len(x) // limit)
+    if k <= 1:
+        return x, y
+    return ([sum(x[i:i + k]) / len(x[i:i + k]) for i in range(0, len(x), k)],
+            [sum(y[i:i + k]) / len(y[i:i + k]) for i in range(0, len(y), k)])
 
 
 def _series(records: list[dict[str, Any]]) -> dict[str, tuple[list[int], list[float]]]:
@@ -108,27 +119,30 @@ def _draw_losses(ax, steps: dict, evals: dict) -> None:
     if "loss" in steps:
         x, y = steps["loss"]
         window = len(y) // 25  # smoothing only once there are enough steps for it to mean something
-        ax.plot(x, y, color="tab:blue", alpha=0.35 if window > 1 else 1.0, linewidth=0.8, label="train loss (step)")
+        ax.plot(*_thin(x, y), color="tab:blue", alpha=0.35 if window > 1 else 1.0, linewidth=0.8,
+                label="train loss (step)")
         if window > 1:
-            ax.plot(x, _smooth(y, window), color="tab:blue", linewidth=1.5, label=f"train loss ({window}-step mean)")
+            ax.plot(*_thin(x, _smooth(y, window)), color="tab:blue", linewidth=1.5,
+                    label=f"train loss ({window}-step mean)")
     styles = iter([("tab:purple", "o"), ("tab:orange", "s"), ("tab:brown", "D"), ("tab:olive", "^")])
     for k, (x, y) in sorted(evals.items()):
         if is_loss_like(k):
             color, marker = next(styles, ("tab:gray", "v"))
-            ax.plot(x, y, color=color, marker=marker, linewidth=1.2, label=f"{k} (epoch)")
+            ax.plot(*_thin(x, y), color=color, marker=marker if len(x) <= MAX_MARKERS else None, linewidth=1.2,
+                    label=f"{k} (epoch)")
     ax.set_ylabel("loss")
     ax.set_title("loss", fontsize=10, loc="left")
 
 
 def _draw_lr(ax, steps: dict) -> None:
     if "lr" in steps:
-        ax.plot(*steps["lr"], color="tab:green", linewidth=1.2, label="lr")
+        ax.plot(*_thin(*steps["lr"]), color="tab:green", linewidth=1.2, label="lr")
     ax.set_ylabel("learning rate")
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
 
 
 def _draw_others(ax, series: dict, title: str, marker: str | None) -> None:
     for k, (x, y) in sorted(series.items()):
-        ax.plot(x, y, marker=marker, linewidth=1.2, label=k)
+        ax.plot(*_thin(x, y), marker=marker if len(x) <= MAX_MARKERS else None, linewidth=1.2, label=k)
     ax.set_title(title, fontsize=10, loc="left")
     ax.legend(loc="best", fontsize=8)
