@@ -140,10 +140,17 @@ def test_tensorboard_purges_what_a_crashed_attempt_logged(tmp_path):
     attempt(0, 3, 9.0)  # died before its first checkpoint: a fresh start drops all of it
     attempt(0, 8, 1.0)  # crashed after step 8; its checkpoint was step 5
     attempt(5, 10, 2.0)
+    tb = observers.TensorBoardLog(tmp_path, 10)
+    tb.step({"step": 11, "loss": 0.5, "lr": 0.01, "reward": -0.4, "phase": 1.0, "time": 0.0})
+    tb.evaluation({"step": 11, "epoch": 2, "train_loss": 0.6, "val_loss": 0.7, "recall@10": 0.2, "ndcg@10": 0.1,
+                   "time": 0.0})
+    tb.close()
     acc = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()
     seen = [(e.step, e.value) for e in acc.Scalars("train/loss")]
-    assert seen == [(s, 1.0) for s in range(1, 6)] + [(s, 2.0) for s in range(6, 11)]
+    assert seen == [(s, 1.0) for s in range(1, 6)] + [(s, 2.0) for s in range(6, 11)] + [(11, 0.5)]
+    assert set(acc.Tags()["scalars"]) == {"train/loss", "train/lr", "train/reward", "train/phase", "train/epoch_loss",
+                                          "val/loss", "eval/recall@10", "eval/ndcg@10"}
 
 
 def test_ckpt_plot_subcommand(tmp_path, capsys):
