@@ -76,7 +76,7 @@ class Cluster:
         out = []
         for p in kids:
             try:
-                if RUN in p.cmdline() and p.status() != psutil.STATUS_ZOMBIE:
+                if p.status() != psutil.STATUS_ZOMBIE and (RUN in p.cmdline() or _forked_worker(p)):
                     out.append(p)
             except psutil.NoSuchProcess:
                 continue
@@ -111,6 +111,12 @@ class Cluster:
 
     def tails(self, n: int = 40) -> str:
         return "\n".join(f"--- {name} ---\n{tail(self.log(name), n)}" for name in self.nodes)
+
+
+def _forked_worker(p: psutil.Process) -> bool:
+    """A worker forked by ftrun --warm-start's fork server (a child of the server itself)."""
+    parent = p.parent()
+    return parent is not None and "forkserver" in " ".join(p.cmdline()) and "forkserver" in " ".join(parent.cmdline())
 
 
 def steps_done(run_dir: Path) -> int:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -44,6 +45,8 @@ RDZV_DEFAULTS = {
     "keep_alive_max_attempt": 3,  # [3] ...missed this many times: the node is dead
     "close_timeout": 10,  # [30]
 }
+
+WARM_MODULES = ["torch", "torch.distributed", "torch.distributed.checkpoint", "numpy"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--crash-loop", type=int, default=3,
                    help="stop after this many consecutive restarts that fail before completing a new step "
                         "(default 3)")
+    g.add_argument("--warm-start", action=argparse.BooleanOptionalAction, default=None,
+                   help="start workers by forking a server that has already imported torch (torchrun's "
+                        "--run-path with --start-method=forkserver), so a restart skips the import: seconds "
+                        "each. Default: on for a .py script run with python, off otherwise")
     g.add_argument("--store-reforms", type=int, default=3,
                    help="times this node's supervisor may start a new agent after losing the rendezvous store "
                         "(default 3; 0: die like torchrun)")
@@ -89,6 +96,14 @@ def prepare(args: argparse.Namespace):
     """torchrun's own argument handling (``torch.distributed.run.run``), plus ftrun's defaults."""
     from torch.distributed.run import config_from_args, parse_min_max_nnodes
 
+    plain_script = args.training_script.endswith(".py") and not (args.no_python or args.module)
+    if args.warm_start and not plain_script:
+        raise ValueError(f"--warm-start runs a Python script file, not {args.training_script!r} with "
+                         f"--no-python/--module: drop one of them")
+    if args.warm_start or (args.warm_start is None and plain_script and not args.run_path):
+        args.run_path, args.start_method = True, "forkserver"
+        # The fork server imports these once; every worker (and every restart) is forked from it.
+        multiprocessing.set_forkserver_preload(WARM_MODULES)
     if args.standalone:
         args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
     elif args.rdzv_backend == "static" and not args.rdzv_endpoint and args.master_port is None:
