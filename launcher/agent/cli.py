@@ -15,6 +15,8 @@ How it differs from torchrun (details in ``docs/agent.md``):
 * c10d rendezvous defaults tuned for failure: dead nodes are dropped after ~3 s
   (``keep_alive_interval=1``) and a smaller group forms 2 s after the minimum is reached
   (``last_call_timeout=2``); each round gets a fresh worker store (no stale keys);
+* workers are forked from a server that has already imported torch (``--warm-start``, on for
+  ``.py`` scripts), so a restart does not pay for the torch import again;
 * if the agent loses the rendezvous store (the node hosting it died), the per-node supervisor
   starts a new agent, which hosts a new store at the same endpoint if it can;
 * events go to ``RUN_DIR/events.jsonl`` and a summary is printed at exit.
@@ -27,9 +29,11 @@ from __future__ import annotations
 import argparse
 import logging
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -152,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, AssertionError) as e:
         print(f"ftrun: error: {e}", file=sys.stderr)
         return 2
+    if config.start_method == "forkserver":
+        # Start the fork server now, in the background, so its torch import overlaps this
+        # agent's rendezvous instead of following it.
+        threading.Thread(target=multiprocessing.forkserver.ensure_running, name="ftrun-forkserver",
+                         daemon=True).start()
     from launcher.agent.supervisor import supervise
 
     return supervise(config, cmd, cmd_args, options, store_reforms=args.store_reforms)
