@@ -155,8 +155,12 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
     assert e.value.code == 2
 
 
-def test_subcommands_are_registered_once_each():
-    assert set(tool.COMMANDS) == {"list", "verify", "inspect", "export", "set-lr", "prune", "diff"}
+def test_every_subcommand_is_registered_and_has_help(capsys):
+    assert {"list", "verify", "inspect", "export", "set-lr", "prune", "diff"} <= set(tool.COMMANDS)
+    for name in tool.COMMANDS:
+        with pytest.raises(SystemExit) as e:
+            tool.main([name, "--help"])
+        assert e.value.code == 0 and name in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- staging (async snapshot)

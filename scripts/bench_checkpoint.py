@@ -1,0 +1,201 @@
+"""Checkpoint benchmark: our verified saves next to what a user would otherwise use, in one run.
+
+Usage::
+
+    .venv/bin/python scripts/bench_checkpoint.py --size-mb 300 --world-size 2 --repeats 3
+
+Spawns ``--world-size`` CPU processes on localhost (gloo). Every rank holds the same state, a
+model of ``size/3`` MB plus AdamW's two moment buffers (like data-parallel training), and the
+table compares, each the median of ``--repeats`` runs:
+
+* ``torch.save`` of the whole state on rank 0 (no fsync: what most scripts do);
+* ``dcp.save`` (torch's distributed checkpoint, fsync on);
+* ``dcp.async_save``: the time it blocks the caller;
+* our synchronous save (DCP + fsync + CRC32 manifest + atomic rename + meta.json + retention);
+* our async save: time training is blocked, and time until the checkpoint is published;
+* verifying the checkpoint (re-reading every file for its CRC32);
+* the disk: writing the same number of bytes with fsync, as ``dd conv=fsync`` would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from launcher.checkpoint import files  # noqa: E402
+from launcher.checkpoint.manager import CheckpointManager  # noqa: E402
+from launcher.config import CheckpointConfig  # noqa: E402
+
+N_PARAMS = 25  # parameter tensors in the model
+
+
+def make_state(size_mb: float, device: str = "cpu") -> dict[str, Any]:
+    """Model weights plus AdamW state totalling ``size_mb`` (identical on every rank)."""
+    numel = max(1, int(size_mb * 2**20 / 3 / 4 / N_PARAMS))
+    g = torch.Generator().manual_seed(0)
+    rand = lambda: torch.randn(numel, generator=g).to(device)  # noqa: E731
+    model = {f"layer{i}.weight": rand() for i in range(N_PARAMS)}
+    optim_state = {k: {"step": torch.tensor(100.0), "exp_avg": rand(), "exp_avg_sq": rand().abs()} for k in model}
+    groups = [{"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 0.01, "params": list(model)}]
+    return {"model": model, "optim": {"state": optim_state, "param_groups": groups}, "progress": "{}"}
+
+
+def state_bytes(state: Any) -> int:
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    return 0
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    """Wall time of ``fn`` on the slowest rank (every rank starts together)."""
+    dist.barrier()
+    start = time.perf_counter()
+    fn()
+    return slowest(time.perf_counter() - start)
+
+
+def slowest(seconds: float) -> float:
+    took = torch.tensor([seconds], dtype=torch.float64)
+    dist.all_reduce(took, op=dist.ReduceOp.MAX)
+    return float(took)
+
+
+def disk_write(path: Path, nbytes: int) -> float:
+    """Seconds to write ``nbytes`` in 8 MB blocks and fsync them (``dd bs=8M conv=fsync``)."""
+    block = os.urandom(8 * 2**20)
+    start = time.perf_counter()
+    with open(path, "wb") as f:
+        left = nbytes
+        while left > 0:
+            f.write(block[:min(left, len(block))])
+            left -= len(block)
+        f.flush()
+        os.fsync(f.fileno())
+    took = time.perf_counter() - start
+    path.unlink()
+    return took
+
+
+def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # As in training: timing collectives on the default group, each checkpointer on its own
+    # gloo group, so a background write never interleaves with the caller's collectives.
+    group = dist.new_group(backend="gloo")
+    dcp_group = dist.new_group(backend="gloo")
+    world_group = dist.group.WORLD
+    base = Path(out_dir)
+    state = make_state(args.size_mb, args.device)
+    nbytes = state_bytes(state)
+    results: dict[str, list[float]] = {}
+
+    def record(name: str, seconds: float) -> None:
+        results.setdefault(name, []).append(seconds)
+
+    def fresh(name: str) -> Path:
+        path = base / name
+        if rank == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        dist.barrier()
+        return path
+
+    sync_mgr = CheckpointManager(base / "ours_sync", CheckpointConfig(keep_last=2), rank, world, group)
+    async_mgr = CheckpointManager(base / "ours_async", CheckpointConfig(keep_last=2, async_save=True), rank, world, group)
+    sync_mgr.prepare()
+    async_mgr.prepare()
+    info = lambda step: {"step": step, "epoch": 0, "metrics": {}, "config": {}}  # noqa: E731
+    async_mgr.save(0, state, info(0))  # first save allocates the staging buffers; not measured
+    async_mgr.wait()
+
+    for r in range(1, args.repeats + 1):
+        if rank == 0:
+            start = time.perf_counter()
+            torch.save(state, base / "torch_save.pt")
+            record("torch.save, rank 0 (no fsync)", time.perf_counter() - start)
+            (base / "torch_save.pt").unlink()
+        path = fresh("dcp")
+        record("dcp.save", timed(lambda: dcp.save(state, storage_writer=dcp.FileSystemWriter(str(path)),
+                                                  process_group=dcp_group)))
+        path = fresh("dcp_async")
+        futures = []
+        record("dcp.async_save: blocked", timed(lambda: futures.append(dcp.async_save(
+            state, storage_writer=dcp.FileSystemWriter(str(path)), process_group=dcp_group))))
+        futures[0].result()
+        record("ours, sync", timed(lambda: sync_mgr.save(r, state, info(r), blocking=True)))
+        record("ours, async: blocked", timed(lambda: async_mgr.save(r, state, info(r))))
+        async_mgr.wait()
+        record("ours, async: total", slowest(async_mgr.last_save_seconds + async_mgr.last_write_seconds))
+        if rank == 0:
+            newest = sync_mgr.root / f"step_{r:08d}"
+            start = time.perf_counter()
+            assert files.verify(newest).ok
+            record("verify (CRC32 of every file)", time.perf_counter() - start)
+            record("disk: same bytes + fsync", disk_write(base / "disk_probe.bin", nbytes))
+        dist.barrier()
+    async_mgr.close()
+    if rank == 0:
+        report(results, nbytes, world, args)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def report(results: dict[str, list[float]], nbytes: int, world: int, args: argparse.Namespace) -> None:
+    med = {k: statistics.median(v) for k, v in results.items()}
+    sync = med["ours, sync"]
+    mb = nbytes / 2**20
+    print(f"\nstate {mb:.0f} MB per rank (model {mb / 3:.0f} MB + AdamW) on {args.device}, world size {world}, "
+          f"median of {args.repeats}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"dir {args.dir or tempfile.gettempdir()}\n")
+    print(f"| {'operation':<32} | {'seconds':>8} | {'MB/s':>7} | {'vs our sync save':>16} |")
+    print(f"|{'-' * 34}|{'-' * 10}|{'-' * 9}|{'-' * 18}|")
+    for name, seconds in med.items():
+        print(f"| {name:<32} | {seconds:8.3f} | {mb / seconds:7.0f} | {seconds / sync:15.1%}  |")
+    blocked = med["ours, async: blocked"]
+    print(f"\nasync blocked / sync save: {blocked / sync:.1%} (target <= 10%)")
+    print(f"verify / sync save: {med['verify (CRC32 of every file)'] / sync:.1%}")
+    print(f"sync save / disk write of the same bytes: {sync / med['disk: same bytes + fsync']:.2f}x")
+    print(f"sync save / dcp.save: {sync / med['dcp.save']:.2f}x")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size-mb", type=float, default=300, help="state per rank: model + 2 AdamW buffers (default 300)")
+    p.add_argument("--world-size", type=int, default=2, help="processes (default 2)")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each measurement; the median is shown")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where the state lives (cuda: every rank on GPU 0; staging is a copy to pinned memory)")
+    p.add_argument("--dir", default=None, help="where to write (default: a temporary directory, removed after)")
+    args = p.parse_args()
+    if args.size_mb <= 0 or args.world_size < 1 or args.repeats < 1:
+        p.error("--size-mb must be > 0, --world-size and --repeats >= 1")
+    out = tempfile.mkdtemp(prefix="bench_ckpt_", dir=args.dir)
+    try:
+        mp.spawn(worker, args=(args.world_size, free_port(), args, out), nprocs=args.world_size, join=True)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
