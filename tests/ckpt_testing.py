@@ -81,3 +81,34 @@ def ckpt(run_dir: Path, step: int) -> Path:
 
 def shard(run_dir: Path, step: int) -> Path:
     return ckpt(run_dir, step) / "__0_0.distcp"
+
+
+def failing_saves_worker(rank: int, world: int, port: int, run_dir: str, out_dir: str) -> None:
+    """Two ranks save three times: rank 1 fails to checksum its shard, then rank 0 fails to
+    commit, then a save succeeds. Each rank writes what every save did to ``out_dir/rank<N>``."""
+    import torch.distributed as dist
+
+    from launcher.checkpoint import files
+    from launcher.checkpoint.manager import CheckpointError
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    group = dist.new_group(backend="gloo")
+    m = CheckpointManager(Path(run_dir), CheckpointConfig(keep_last=2), rank, world, group, clock=FakeClock())
+    m.prepare()
+    outcomes = []
+    real_describe, real_manifest = files.describe_files, files.write_manifest
+
+    def broken(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    for step, (describe, manifest) in ((1, (broken if rank == 1 else real_describe, real_manifest)),
+                                       (2, (real_describe, broken if rank == 0 else real_manifest)),
+                                       (3, (real_describe, real_manifest))):
+        files.describe_files, files.write_manifest = describe, manifest
+        try:
+            m.save(step, make_state(step), make_info(step))
+            outcomes.append(f"{step} ok")
+        except CheckpointError as e:
+            outcomes.append(f"{step} CheckpointError {e}")
+    Path(out_dir, f"rank{rank}").write_text("\n".join(outcomes))
+    dist.destroy_process_group()

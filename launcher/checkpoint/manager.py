@@ -46,6 +46,7 @@ from launcher.config import CheckpointConfig
 log = logging.getLogger("launcher.checkpoint")
 
 KEEP_VERIFIED = 5  # length of meta.json's list of earlier verified checkpoints
+TRASH_PREFIX = ".trash-"  # a checkpoint being replaced by a new save of the same step
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
@@ -103,7 +104,13 @@ class CheckpointManager:
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
                 for p in self.root.iterdir():
-                    if p.name.startswith((meta.TMP_PREFIX, ".trash-")) and p.is_dir() and not p.is_symlink():
+                    original = self.root / p.name[len(TRASH_PREFIX):]
+                    if p.name.startswith(TRASH_PREFIX) and not original.exists() and not p.is_symlink():
+                        # Killed while replacing a checkpoint: the old one was moved aside and the
+                        # new one not yet renamed in. Put the old one back; it is verified as usual.
+                        log.info("Restoring %s, moved aside by an interrupted save", original.name)
+                        p.rename(original)
+                    elif p.name.startswith((meta.TMP_PREFIX, TRASH_PREFIX)) and p.is_dir() and not p.is_symlink():
                         log.info("Removing leftover of an interrupted save: %s", p.name)
                         shutil.rmtree(p, ignore_errors=True)
             except OSError as e:
@@ -373,7 +380,7 @@ class CheckpointManager:
         if final.exists():
             # Re-reaching a step after falling back past a bad checkpoint: replace the old
             # directory only now that the new one is complete.
-            trash = self.root / f".trash-{name}"
+            trash = self.root / f"{TRASH_PREFIX}{name}"
             final.rename(trash)
             tmp.rename(final)
             shutil.rmtree(trash, ignore_errors=True)

@@ -171,6 +171,16 @@ def test_leftover_tmp_dir_is_removed_and_never_loaded(run):
     assert not tmp.exists()
 
 
+def test_killed_while_replacing_a_checkpoint_restores_the_old_one(run):
+    """A save of step 30 again (after falling back past it) moves the old step_00000030 aside
+    before renaming the new one in; killed in between, the old one comes back."""
+    root = run / "checkpoints"
+    (root / "step_00000030").rename(root / ".trash-step_00000030")
+    (root / f"{meta.TMP_PREFIX}step_00000030").mkdir()
+    assert resolve(run) == ckpt(run, 30)
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == []
+
+
 def test_resume_none_refuses_existing_checkpoints_and_best_and_path(run):
     with pytest.raises(CheckpointError, match="already holds 3 checkpoint"):
         resolve(run, "none")
