@@ -109,11 +109,11 @@ start_munge() {
 wait_idle() {
     local deadline=$((SECONDS + UP_TIMEOUT)) states
     while [ $SECONDS -lt $deadline ]; do
-        states=$(sinfo -h -N -p debug -o '%N %t' 2>/dev/null | sort -u | tr '\n' ' ')
         if [ "$(sinfo -h -N -p debug -t idle,alloc,mix -o %N 2>/dev/null | sort -u | wc -l)" = 2 ]; then
-            log "up: $states(SLURM_CONF=$STATE/slurm.conf)"
+            log "up: $(sinfo -h -N -p debug -o '%N %t' | sort -u | tr '\n' ' ')(SLURM_CONF=$STATE/slurm.conf)"
             return 0
         fi
+        states=$(sinfo -h -N -p debug -o '%N %t' 2>/dev/null | sort -u | tr '\n' ' ')
         sleep 0.5
     done
     log "nodes not idle after ${UP_TIMEOUT}s: ${states:-no answer from slurmctld}; logs in $STATE"
