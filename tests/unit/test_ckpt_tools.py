@@ -195,3 +195,24 @@ def test_failpoint_parsing():
     for bad in ("nowhere", "after_meta:x", "after_meta:1:2:3"):
         with pytest.raises(ValueError, match=faults.ENV):
             faults.parse(bad)
+
+
+def test_parallel_crc32_equals_zlib(tmp_path, monkeypatch):
+    import os
+    import random
+    import zlib
+
+    from launcher.checkpoint import crc
+    rng = random.Random(0)
+    for _ in range(30):
+        a, b = os.urandom(rng.randint(0, 2000)), os.urandom(rng.randint(0, 2000))
+        assert crc.crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
+    monkeypatch.setattr(crc, "PIECE", 1000)  # many pieces per file
+    paths = []
+    for n in (0, 1, 999, 1000, 1001, 4321):
+        paths.append(tmp_path / f"f{n}")
+        paths[-1].write_bytes(os.urandom(n))
+    sums = crc.files_crc32(paths, workers=4)
+    for p in paths:
+        data = p.read_bytes()
+        assert sums[p] == (len(data), f"{zlib.crc32(data):08x}")
