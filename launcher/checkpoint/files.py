@@ -124,24 +124,9 @@ def verify(directory: Path, deep: bool = True) -> Verification:
     if not directory.is_dir():
         result.problems.append(f"{directory}: not a directory")
         return result
-    try:
-        manifest = json.loads((directory / MANIFEST).read_text())
-        files = manifest["files"]
-    except FileNotFoundError:
-        result.problems.append(f"{directory / MANIFEST}: missing manifest")
+    files = _read_manifest(directory, result.problems)
+    if files is None:
         return result
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        result.problems.append(f"{directory / MANIFEST}: unreadable manifest ({e})")
-        return result
-    if not isinstance(files, dict) or not all(
-            isinstance(w, dict) and isinstance(w.get("size"), int) and isinstance(w.get("crc32"), str)
-            for w in files.values()):
-        result.problems.append(f"{directory / MANIFEST}: unreadable manifest (entries must be "
-                               f"{{name: {{size, crc32}}}})")
-        return result
-    expected_sig = _signature(files)
-    if expected_sig and not hmac.compare_digest(expected_sig, str(manifest.get("hmac_sha256", ""))):
-        result.problems.append(f"{directory / MANIFEST}: HMAC signature does not match ({HMAC_ENV} is set)")
     for required in (DCP_METADATA, INFO):
         if required not in files:
             result.problems.append(f"{directory / required}: not listed in the manifest")
@@ -150,25 +135,46 @@ def verify(directory: Path, deep: bool = True) -> Verification:
         path = directory / name
         if "/" in name or "\\" in name or name in ("", ".", ".."):
             result.problems.append(f"{name}: manifest entry escapes the checkpoint directory")
-            continue
-        if path.is_symlink():
+        elif path.is_symlink():
             result.problems.append(f"{path}: is a symlink, not a file written by the save")
-            continue
-        if not path.is_file():
+        elif not path.is_file():
             result.problems.append(f"{path}: missing file")
-            continue
-        try:
-            size = path.stat().st_size
+        else:
+            try:
+                size = path.stat().st_size
+            except OSError as e:
+                result.problems.append(f"{path}: unreadable ({e.strerror or e})")
+                continue
             if size != want["size"]:
                 result.problems.append(f"{path}: size {size} bytes, manifest says {want['size']} "
                                        f"(truncated or overwritten)")
-                continue
-            if deep:
+            elif deep:
                 to_checksum.append((path, want["crc32"]))
-        except OSError as e:
-            result.problems.append(f"{path}: unreadable ({e.strerror or e})")
     result.problems += _checksum_problems(to_checksum)
     return result
+
+
+def _read_manifest(directory: Path, problems: list[str]) -> dict[str, dict[str, Any]] | None:
+    """The manifest's file list, or None with the reason appended to ``problems``."""
+    path = directory / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        problems.append(f"{path}: missing manifest")
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        problems.append(f"{path}: unreadable manifest ({e})")
+        return None
+    if not isinstance(files, dict) or not all(
+            isinstance(w, dict) and isinstance(w.get("size"), int) and isinstance(w.get("crc32"), str)
+            for w in files.values()):
+        problems.append(f"{path}: unreadable manifest (entries must be {{name: {{size, crc32}}}})")
+        return None
+    expected_sig = _signature(files)
+    if expected_sig and not hmac.compare_digest(expected_sig, str(manifest.get("hmac_sha256", ""))):
+        problems.append(f"{path}: HMAC signature does not match ({HMAC_ENV} is set)")
+    return files
 
 
 def _checksum_problems(items: list[tuple[Path, str]]) -> list[str]:

@@ -88,6 +88,20 @@ def test_missing_manifest_falls_back(run, caplog):
     _falls_back(run, caplog, "missing manifest")
 
 
+@pytest.mark.parametrize("text", ["\x00garbage", '{"files": [1, 2]}', '{"files": {"__0_0.distcp": {"size": "9"}}}',
+                                  '{"nofiles": {}}'])
+def test_unreadable_manifest_falls_back(run, caplog, text):
+    (ckpt(run, 30) / files.MANIFEST).write_text(text)
+    _falls_back(run, caplog, "unreadable manifest")
+
+
+def test_manifest_without_signature_fails_when_a_key_is_set(run, monkeypatch, caplog):
+    monkeypatch.setenv(files.HMAC_ENV, "secret")
+    with caplog.at_level(logging.WARNING, logger="launcher.checkpoint"):
+        with pytest.raises(CheckpointError, match="HMAC signature does not match"):
+            resolve(run)  # none of the three was signed
+
+
 def test_deleted_file_falls_back(run, caplog):
     (ckpt(run, 30) / files.INFO).unlink()
     _falls_back(run, caplog, "checkpoint.json: missing file")
