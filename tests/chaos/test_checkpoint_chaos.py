@@ -154,3 +154,9 @@ def test_two_ranks_async_rank1_killed_mid_shard(tmp_path):
     assert _train(run_dir, log, nproc=2, extra=asynchronous) == 0, tail(log)
     assert _resumed_from(log) == "step_00000010"
     assert assert_bit_equal(_final(ref_dir), _final(run_dir), KEYS) > 10
+    # step 21 was written in the background (each rank snapshotting its share of the
+    # replicated tensors): the same contents as the synchronous run's step 21.
+    info = json.loads((run_dir / "checkpoints" / "step_00000021" / files.INFO).read_text())
+    assert info["config"]["checkpoint"]["async"] is True
+    step21 = lambda d: checkpoint_tensors(d / "checkpoints" / "step_00000021")  # noqa: E731
+    assert assert_bit_equal(step21(ref_dir), step21(run_dir), KEYS) > 10
