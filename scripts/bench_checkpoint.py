@@ -95,64 +95,75 @@ def disk_write(path: Path, nbytes: int) -> float:
 
 def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    # As in training: timing collectives on the default group, each checkpointer on its own
-    # gloo group, so a background write never interleaves with the caller's collectives.
-    group = dist.new_group(backend="gloo")
-    dcp_group = dist.new_group(backend="gloo")
-    world_group = dist.group.WORLD
-    base = Path(out_dir)
-    state = make_state(args.size_mb, args.device)
-    nbytes = state_bytes(state)
-    results: dict[str, list[float]] = {}
+    bench = Bench(rank, world, Path(out_dir), make_state(args.size_mb, args.device))
+    for r in range(1, args.repeats + 1):
+        bench.round(r)
+    bench.ours_async.close()
+    if rank == 0:
+        report(bench.results, bench.nbytes, world, args)
+    dist.barrier()
+    dist.destroy_process_group()
 
-    def record(name: str, seconds: float) -> None:
-        results.setdefault(name, []).append(seconds)
 
-    def fresh(name: str) -> Path:
-        path = base / name
-        if rank == 0:
+class Bench:
+    """One rank's side of the measurements; every method is called on every rank."""
+
+    def __init__(self, rank: int, world: int, base: Path, state: dict[str, Any]):
+        self.rank, self.base, self.state = rank, base, state
+        self.nbytes = state_bytes(state)
+        self.results: dict[str, list[float]] = {}
+        # As in training: timing collectives on the default group, each checkpointer on its
+        # own gloo group, so a background write never interleaves with the caller's collectives.
+        group = dist.new_group(backend="gloo")
+        self.dcp_group = dist.new_group(backend="gloo")
+        self.ours_sync = CheckpointManager(base / "ours_sync", CheckpointConfig(keep_last=2), rank, world, group)
+        self.ours_async = CheckpointManager(base / "ours_async", CheckpointConfig(keep_last=2, async_save=True),
+                                            rank, world, group)
+        self.ours_sync.prepare()
+        self.ours_async.prepare()
+        self.ours_async.save(0, state, self.info(0))  # allocates the staging buffers: not measured
+        self.ours_async.wait()
+
+    @staticmethod
+    def info(step: int) -> dict[str, Any]:
+        return {"step": step, "epoch": 0, "metrics": {}, "config": {}}
+
+    def record(self, name: str, seconds: float) -> None:
+        self.results.setdefault(name, []).append(seconds)
+
+    def fresh(self, name: str) -> Path:
+        path = self.base / name
+        if self.rank == 0:
             shutil.rmtree(path, ignore_errors=True)
         dist.barrier()
         return path
 
-    sync_mgr = CheckpointManager(base / "ours_sync", CheckpointConfig(keep_last=2), rank, world, group)
-    async_mgr = CheckpointManager(base / "ours_async", CheckpointConfig(keep_last=2, async_save=True), rank, world, group)
-    sync_mgr.prepare()
-    async_mgr.prepare()
-    info = lambda step: {"step": step, "epoch": 0, "metrics": {}, "config": {}}  # noqa: E731
-    async_mgr.save(0, state, info(0))  # first save allocates the staging buffers; not measured
-    async_mgr.wait()
-
-    for r in range(1, args.repeats + 1):
-        if rank == 0:
+    def round(self, r: int) -> None:
+        state = self.state
+        if self.rank == 0:
             start = time.perf_counter()
-            torch.save(state, base / "torch_save.pt")
-            record("torch.save, rank 0 (no fsync)", time.perf_counter() - start)
-            (base / "torch_save.pt").unlink()
-        path = fresh("dcp")
-        record("dcp.save", timed(lambda: dcp.save(state, storage_writer=dcp.FileSystemWriter(str(path)),
-                                                  process_group=dcp_group)))
-        path = fresh("dcp_async")
-        futures = []
-        record("dcp.async_save: blocked", timed(lambda: futures.append(dcp.async_save(
-            state, storage_writer=dcp.FileSystemWriter(str(path)), process_group=dcp_group))))
+            torch.save(state, self.base / "torch_save.pt")
+            self.record("torch.save, rank 0 (no fsync)", time.perf_counter() - start)
+            (self.base / "torch_save.pt").unlink()
+        path = self.fresh("dcp")
+        self.record("dcp.save", timed(lambda: dcp.save(state, storage_writer=dcp.FileSystemWriter(str(path)),
+                                                       process_group=self.dcp_group)))
+        path, futures = self.fresh("dcp_async"), []
+        self.record("dcp.async_save: blocked", timed(lambda: futures.append(dcp.async_save(
+            state, storage_writer=dcp.FileSystemWriter(str(path)), process_group=self.dcp_group))))
         futures[0].result()
-        record("ours, sync", timed(lambda: sync_mgr.save(r, state, info(r), blocking=True)))
-        record("ours, async: blocked", timed(lambda: async_mgr.save(r, state, info(r))))
-        async_mgr.wait()
-        record("ours, async: total", slowest(async_mgr.last_save_seconds + async_mgr.last_write_seconds))
-        if rank == 0:
-            newest = sync_mgr.root / f"step_{r:08d}"
+        self.record("ours, sync", timed(lambda: self.ours_sync.save(r, state, self.info(r), blocking=True)))
+        self.record("ours, async: blocked", timed(lambda: self.ours_async.save(r, state, self.info(r))))
+        self.ours_async.wait()
+        self.record("ours, async: total", slowest(self.ours_async.last_save_seconds + self.ours_async.last_write_seconds))
+        if self.rank == 0:
             start = time.perf_counter()
-            assert files.verify(newest).ok
-            record("verify (CRC32 of every file)", time.perf_counter() - start)
-            record("disk: same bytes + fsync", disk_write(base / "disk_probe.bin", nbytes))
+            check = files.verify(self.ours_sync.root / f"step_{r:08d}")
+            self.record("verify (CRC32 of every file)", time.perf_counter() - start)
+            if not check.ok:
+                raise RuntimeError(f"benchmark checkpoint does not verify: {check.reason()}")
+            self.record("disk: same bytes + fsync", disk_write(self.base / "disk_probe.bin", self.nbytes))
         dist.barrier()
-    async_mgr.close()
-    if rank == 0:
-        report(results, nbytes, world, args)
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 def report(results: dict[str, list[float]], nbytes: int, world: int, args: argparse.Namespace) -> None:
