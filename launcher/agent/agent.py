@@ -69,8 +69,6 @@ class FtAgent(LocalElasticAgent):
         self.recorder = recorder or Recorder(options.run_dir)
         self.final: Decision | None = None
         self._hung: dict[int, str] = {}
-        # Workers inherit the agent's environment (torch's subprocess handler copies os.environ).
-        os.environ[PROGRESS_ENV] = options.progress_template
 
     # ------------------------------------------------------------------ loop
 
@@ -160,6 +158,14 @@ class FtAgent(LocalElasticAgent):
                 log.error("ftrun: hang: %s", line)
             return RunResult(state=WorkerState.UNHEALTHY)
         return result
+
+    def _setup_local_watchdog(self, envs: dict[int, dict[str, str]]) -> None:
+        # torch's hook for adding variables to each worker's environment (it adds its timer
+        # file here). Not os.environ: a warm-start fork server keeps the environment it was
+        # started with, and workers forked from it would not report progress.
+        super()._setup_local_watchdog(envs)
+        for worker_env in envs.values():
+            worker_env[PROGRESS_ENV] = self.options.progress_template
 
     def _stop_workers(self, worker_group: WorkerGroup) -> None:
         self._shutdown(signal.SIGKILL, timeout=self.options.stop_timeout)

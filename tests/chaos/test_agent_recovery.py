@@ -76,6 +76,18 @@ def wait_world(run_dir: Path, sizes: list[int], cluster: Cluster) -> None:
     wait_step(run_dir, steps_done(run_dir) + 2, STEP_WAIT, cluster)
 
 
+def wait_restarted(run_dir: Path, since: float, cluster: Cluster) -> None:
+    """Wait until the workers restarted after ``since`` and completed a step."""
+    def restarted() -> bool:
+        return any(e["kind"] == "worker_start" and e["time"] > since for e in events.read(run_dir))
+
+    try:
+        wait_for(restarted, STEP_WAIT, what="a worker start after the failure")
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{cluster.tails()}") from None
+    wait_step(run_dir, steps_done(run_dir) + 1, STEP_WAIT, cluster)
+
+
 def test_fixed_size_job_survives_crash_in_save_hang_and_node_loss_bit_equal(tmp_path):
     r = rng()
     steps = 300
@@ -90,12 +102,15 @@ def test_fixed_size_job_survives_crash_in_save_hang_and_node_loss_bit_equal(tmp_
         c.wait_store()
         c.start_node("b")
         wait_step(run_dir, r.randint(12, 40), STEP_WAIT, c)
+        t = time.time()
         in_save = kill_during_save(c, "b", run_dir)
         print("worker killed during a save:", in_save)
+        wait_restarted(run_dir, t, c)
 
         wait_step(run_dir, steps_done(run_dir) + r.randint(3, 20), STEP_WAIT, c)
-        frozen = r.choice(c.workers(r.choice(["a", "b"])))
-        frozen.suspend()  # SIGSTOP: alive, silent, its peer blocked in a collective
+        t = time.time()
+        r.choice(c.workers(r.choice(["a", "b"]))).suspend()  # SIGSTOP: alive, silent; its peer blocks
+        wait_restarted(run_dir, t, c)
 
         wait_step(run_dir, steps_done(run_dir) + r.randint(3, 20), STEP_WAIT, c)
         c.kill_node("b")
