@@ -64,6 +64,8 @@ def run(cfg: RunConfig, opts: RunOptions) -> int:
     ctx = ldist.init(env)
     opts.run_dir.mkdir(parents=True, exist_ok=True)
     logs.setup(ctx.rank, opts.log_level, opts.run_dir)
+    log.info("Process group: backend %s, world size %d, device %s (%s launch)", ctx.backend, ctx.world_size,
+             ctx.device, ctx.env.kind)
     try:
         return Job(cfg, opts, ctx, observer=observers.for_rank(ctx.is_main, cfg.train.log_interval)).run()
     except CheckpointError as e:
