@@ -34,7 +34,6 @@ import os
 import sys
 import tempfile
 import threading
-import time
 import uuid
 from pathlib import Path
 
