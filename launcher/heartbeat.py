@@ -36,8 +36,11 @@ class Heartbeat:
         now = time.time()
         if self._first_step is None:
             self._first_step = step
-        _, last_activity, last_time = self._last
-        if activity == last_activity and now - last_time < self.min_interval:
+        last_step, last_activity, last_time = self._last
+        # The first completed step is always written: it tells the agent this attempt made
+        # progress (its recovery time, and the crash-loop guard, depend on it).
+        first_progress = last_step == self._first_step and step > self._first_step
+        if activity == last_activity and now - last_time < self.min_interval and not first_progress:
             return
         self._last = (step, activity, now)
         tmp = f"{self.path}.tmp"

@@ -127,9 +127,10 @@ class FtAgent(LocalElasticAgent):
         if result.state is WorkerState.HEALTHY:  # a node waits to join
             self.recorder.failure("membership", self.progress, restarts, detail=decision.reason)
         elif result.state is WorkerState.UNHEALTHY:
-            where = self._dump_stacks()
+            # Recorded before the stack dump, which lets stopped workers run on for a moment.
             self.recorder.failure("hang", self.progress, restarts, ranks=sorted(self._hung),
-                                  detail=list(self._hung.values()), stacks=where)
+                                  detail=list(self._hung.values()), stacks=self._stacks_destination())
+            self._dump_stacks()
         else:
             ranks = [{"rank": r, "exit_code": f.exitcode, "signal": f.signal_name() if f.exitcode < 0 else None}
                      for r, f in sorted(result.failures.items())]
@@ -148,10 +149,12 @@ class FtAgent(LocalElasticAgent):
 
     def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
         result = super()._monitor_workers(worker_group)
-        if result.state is not WorkerState.HEALTHY:
-            return result
+        # Read progress whatever the state: workers that finish (or fail again) within one
+        # monitor interval of their first new step have still recovered from the last failure.
         self.progress.poll()
         self.recorder.check_recovered(self.progress, self.policy.restarts)
+        if result.state is not WorkerState.HEALTHY:
+            return result
         self._hung = self.progress.hung()
         if self._hung:
             for line in self._hung.values():
@@ -172,12 +175,17 @@ class FtAgent(LocalElasticAgent):
 
     # ------------------------------------------------------------------ hangs
 
-    def _dump_stacks(self) -> str:
+    def _stacks_destination(self) -> str:
+        if shutil.which("py-spy"):
+            return str((self.options.run_dir or Path(self.options.progress_template).parent) / "stacks")
+        return "worker stderr (faulthandler)"
+
+    def _dump_stacks(self) -> None:
         """Print every local worker's Python stacks before the hung group is killed."""
         pids = {w.global_rank: w.id for w in self._worker_group.workers if w.id is not None}
         pyspy = shutil.which("py-spy")
         if pyspy:
-            out_dir = (self.options.run_dir or Path(self.options.progress_template).parent) / "stacks"
+            out_dir = Path(self._stacks_destination())
             out_dir.mkdir(parents=True, exist_ok=True)
             for rank, pid in pids.items():
                 path = out_dir / f"hang-{int(time.time())}-rank{rank}.txt"
@@ -188,7 +196,7 @@ class FtAgent(LocalElasticAgent):
                     text = f"py-spy failed: {e}"
                 path.write_text(text)
                 log.error("ftrun: stacks of hung rank %d (pid %d) in %s", rank, pid, path)
-            return str(out_dir)
+            return
         # Ranks that report progress registered faulthandler on SIGUSR2 (launcher/heartbeat.py);
         # a stopped process handles it once continued. Others would die of SIGUSR2: skip them.
         reported = self.progress.reported_pids()
@@ -202,4 +210,3 @@ class FtAgent(LocalElasticAgent):
             except ProcessLookupError:
                 continue
         time.sleep(self.options.stack_dump_wait)
-        return "worker stderr (faulthandler)"

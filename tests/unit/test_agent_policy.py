@@ -228,3 +228,26 @@ def test_recorder_writes_failure_and_recovery_with_steps_lost_and_downtime(tmp_p
     assert s["downtime_seconds"] == pytest.approx(17.0)
     assert s["goodput"] == pytest.approx(11 / 40)  # 11 kept steps of 1 s in 40 s of wall time
     assert "goodput" in format_summary(s) and "steps lost      2" in format_summary(s)
+
+
+def test_heartbeat_throttles_but_always_writes_the_first_completed_step(tmp_path, monkeypatch):
+    from launcher import heartbeat
+    from launcher.agent.progress import read_report
+
+    now = [100.0]
+    monkeypatch.setattr(heartbeat.time, "time", lambda: now[0])
+    hb = heartbeat.Heartbeat(str(tmp_path / "rank{rank}.json"), rank=3, min_interval=0.5)
+    path = str(tmp_path / "rank3.json")
+    hb.report(40)  # resumed at step 40
+    now[0] += 0.01
+    hb.report(41)  # first new step: written although within the throttle interval
+    rep = read_report(path)
+    assert (rep.step, rep.first_step, rep.rank) == (41, 40, 3)
+    now[0] += 0.01
+    hb.report(42)  # throttled
+    assert read_report(path).step == 41
+    hb.report(42, "saving")  # a new activity is always written
+    assert read_report(path).activity == "saving"
+    now[0] += 1.0
+    hb.report(43)
+    assert read_report(path).step == 43
