@@ -54,7 +54,7 @@ class AgentOptions:
     long_activity_factor: float = 3.0  # saves and evaluations may take this many times longer
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     stop_timeout: int = 10  # seconds to wait for killed workers to be reaped
-    stack_dump_wait: float = 2.0  # seconds to let faulthandler write a hung worker's stacks
+    stack_dump_wait: float = 0.5  # seconds to let faulthandler write a hung worker's stacks
 
 
 class FtAgent(LocalElasticAgent):
@@ -117,6 +117,7 @@ class FtAgent(LocalElasticAgent):
         log.warning("ftrun: restarting workers (%s); restart %d of %d%s", decision.reason, self.policy.restarts,
                     wg.spec.max_restarts, f" after {decision.delay:.1f} s back-off" if decision.delay else "")
         self._stop_workers(wg)
+        self.recorder.workers_stopped(self.progress)
         wg.state = WorkerState.STOPPED
         if decision.delay:
             time.sleep(decision.delay)

@@ -38,6 +38,7 @@ class _Pending:
     time: float
     kind: str
     last_step: int | None
+    stopped: float = 0.0  # when the failed attempt's workers were stopped: later steps are new ones
 
 
 @dataclass
@@ -85,12 +86,22 @@ class Recorder:
         else:
             self.membership_changes += 1
 
+    def workers_stopped(self, monitor: ProgressMonitor) -> None:
+        """The failed attempt's workers are gone. Steps they completed after the failure was
+        recorded (a hung rank continued to dump its stacks, a peer finished a step) are lost too."""
+        if self.pending is None:
+            return
+        self.pending.stopped = self.clock()
+        last = self.last_step(monitor)
+        if last is not None and (self.pending.last_step is None or last > self.pending.last_step):
+            self.pending.last_step = last
+
     def check_recovered(self, monitor: ProgressMonitor, restart_count: int) -> None:
         """Once per monitor interval: close the pending outage when a new step has completed."""
         if self.pending is None or not monitor.progressed:
             return
         p, resumed = self.pending, monitor.resumed_from
-        after = [r for r in self._metrics() if "loss" in r and r.get("time", 0) > p.time]
+        after = [r for r in self._metrics() if "loss" in r and r.get("time", 0) > max(p.time, p.stopped)]
         first_time = after[0]["time"] if after else monitor.first_progress_time
         lost = max(p.last_step - resumed, 0) if p.last_step is not None and resumed is not None else None
         rec = self._append("recovered", failure_time=p.time, failure_kind=p.kind, resumed_from=resumed,
