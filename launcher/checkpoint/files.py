@@ -34,8 +34,8 @@ class CheckpointError(RuntimeError):
     """No usable checkpoint, or one that does not fit this run. Exit code 3."""
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new file in ``path`` durable."""
+def fsync_path(path: Path) -> None:
+    """fsync a file (its bytes) or a directory (a rename or a new file in it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -56,7 +56,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def file_crc32(path: Path) -> tuple[int, str]:
@@ -64,19 +64,11 @@ def file_crc32(path: Path) -> tuple[int, str]:
     return files_crc32([Path(path)])[Path(path)]
 
 
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def describe_files(directory: Path, names: list[str]) -> dict[str, dict[str, Any]]:
     """fsync each file, then read it back for its size and checksum."""
     paths = [directory / name for name in names]
     for path in paths:
-        fsync_file(path)
+        fsync_path(path)
     sums = files_crc32(paths)
     return {path.name: {"size": sums[path][0], "crc32": sums[path][1]} for path in paths}
 

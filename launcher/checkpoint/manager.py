@@ -386,7 +386,7 @@ class CheckpointManager:
             shutil.rmtree(trash, ignore_errors=True)
         else:
             tmp.rename(final)
-        files.fsync_dir(self.root)
+        files.fsync_path(self.root)
         faults.hit("after_rename", info["step"], self.rank)
         self._publish(name, info)
 

@@ -63,6 +63,6 @@ def write_checkpoint(out: Path, state: dict[str, Any], info: dict[str, Any]) -> 
         if not check.ok:
             raise CheckpointError(f"new checkpoint failed verification: {check.reason()}")
         os.rename(tmp, out)
-        files.fsync_dir(out.parent)
+        files.fsync_path(out.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
