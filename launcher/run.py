@@ -24,7 +24,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (torchrun launcher/run.py): make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from launcher import env as cluster_env  # noqa: E402
 from launcher import exit_codes  # noqa: E402
+from launcher.preempt import PreemptionFlag  # noqa: E402
 from launcher.config import ConfigError, load_config  # noqa: E402
 
 
@@ -47,6 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Catch the preemption signals first: a worker forked by ftrun's warm-start server inherits
+    # them ignored, and a signal during start-up must still lead to a checkpoint at step end.
+    preempt = PreemptionFlag()
+    try:
+        preempt.install(cluster_env.detect().preempt_signals)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return exit_codes.CONFIG_ERROR
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -57,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainers.common import DataError
     try:
         return run(cfg, RunOptions(run_dir=args.run_dir, resume=args.resume,
-                                   reset_optimizer=args.reset_optimizer, log_level=args.log_level))
+                                   reset_optimizer=args.reset_optimizer, log_level=args.log_level), preempt)
     except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return exit_codes.CONFIG_ERROR

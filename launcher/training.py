@@ -58,7 +58,7 @@ class RunOptions:
     log_level: str | None = None
 
 
-def run(cfg: RunConfig, opts: RunOptions) -> int:
+def run(cfg: RunConfig, opts: RunOptions, preempt: PreemptionFlag | None = None) -> int:
     """Train ``cfg`` in ``opts.run_dir`` on this process's share of the job; return the exit code."""
     env = cluster_env.detect()
     ctx = ldist.init(env)
@@ -67,7 +67,8 @@ def run(cfg: RunConfig, opts: RunOptions) -> int:
     log.info("Process group: backend %s, world size %d, device %s (%s launch)", ctx.backend, ctx.world_size,
              ctx.device, ctx.env.kind)
     try:
-        return Job(cfg, opts, ctx, observer=observers.for_rank(ctx.is_main, cfg.train.log_interval)).run()
+        return Job(cfg, opts, ctx, observer=observers.for_rank(ctx.is_main, cfg.train.log_interval),
+                   preempt=preempt).run()
     except CheckpointError as e:
         log.error("%s", e)
         return exit_codes.CHECKPOINT_ERROR
@@ -78,7 +79,8 @@ def run(cfg: RunConfig, opts: RunOptions) -> int:
 class Job:
     """One attempt at a run: everything between process-group init and exit."""
 
-    def __init__(self, cfg: RunConfig, opts: RunOptions, ctx: ldist.DistContext, observer: Observer | None = None):
+    def __init__(self, cfg: RunConfig, opts: RunOptions, ctx: ldist.DistContext, observer: Observer | None = None,
+                 preempt: PreemptionFlag | None = None):
         self.cfg, self.opts, self.ctx = cfg, opts, ctx
         self.observer = observer or Observer()
         self.run_dir = opts.run_dir
@@ -87,7 +89,7 @@ class Job:
                                          ctx.ckpt_group, best=getattr(self.trainer_cls, "best", ("val_loss", "min")))
         self.metrics = MetricsLog(self.run_dir, enabled=ctx.is_main)
         self.heartbeat = Heartbeat(ctx.env.agent_progress_file, ctx.rank)
-        self.preempt = PreemptionFlag()
+        self.preempt = preempt or PreemptionFlag()
         self.progress = Progress()
         self._lock: FileLock | None = None
 

@@ -37,6 +37,7 @@ import threading
 import uuid
 from pathlib import Path
 
+from launcher import env
 from launcher.agent.policy import PolicyConfig
 
 log = logging.getLogger("ftrun")
@@ -49,7 +50,7 @@ RDZV_DEFAULTS = {
     "close_timeout": 10,  # [30]
 }
 
-WARM_MODULES = ["torch", "torch.distributed", "torch.distributed.checkpoint", "numpy"]
+WARM_MODULES = ["launcher.agent.warm"]  # torch, numpy, and the fork server's signal dispositions
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +115,11 @@ def prepare(args: argparse.Namespace):
             args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
     if args.master_port is None:
         args.master_port = 29500
+    handled = args.signals_to_handle.split(",")
+    # The preemption signals (launcher/env.py) are always handled as well: torch then forwards
+    # them to the workers and waits --shutdown_timeout for their checkpoint. Unhandled, SIGUSR1 kills the agent, and a batch system ends the step's
+    # remaining processes, the checkpointing workers with it.
+    args.signals_to_handle = ",".join([*handled, *(s for s in env.detect().preempt_signals if s not in handled)])
     config, cmd, cmd_args = config_from_args(args)
     if config.rdzv_backend == "c10d":
         for key, value in RDZV_DEFAULTS.items():
