@@ -6,6 +6,7 @@ process group id (never by name), and every wait has a bound.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -116,6 +117,18 @@ def latest_step(run_dir: Path) -> int:
         return 0
     steps = [int(p.name[5:]) for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")]
     return max(steps, default=0)
+
+
+def last_logged_step(run_dir: Path) -> int:
+    """The newest step in rank 0's ``metrics.jsonl`` (0 if none; a torn last line is skipped)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    for line in reversed(lines):
+        try:
+            return json.loads(line)["step"]
+        except (ValueError, KeyError):
+            continue
+    return 0
 
 
 def checkpoint_tensors(ckpt_dir: Path) -> dict:

@@ -13,23 +13,11 @@ import pytest
 import torch
 
 from helpers import (
-    assert_bit_equal, checkpoint_tensors, run, start, stop, tail, train_cmd, wait_for,
+    assert_bit_equal, checkpoint_tensors, last_logged_step, run, start, stop, tail, train_cmd, wait_for,
 )
 
 pytestmark = pytest.mark.distributed
 
-
-def last_logged_step(run_dir) -> int:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    lines = path.read_text().splitlines()
-    for line in reversed(lines):
-        try:
-            return json.loads(line)["step"]
-        except (ValueError, KeyError):
-            continue
-    return 0
 
 
 def final_state(run_dir, step: int) -> dict:

@@ -10,20 +10,11 @@ import signal
 
 import pytest
 
-from helpers import FAST, PY, RUN, config_path, start, stop, tail, wait_for
+from helpers import FAST, PY, RUN, config_path, last_logged_step, start, stop, tail, wait_for
 from launcher import events
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(240)]
 
-
-def last_step(run_dir) -> int:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
-    for line in reversed(lines):
-        try:
-            return json.loads(line)["step"]
-        except (ValueError, KeyError):
-            continue
-    return 0
 
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
@@ -34,7 +25,7 @@ def test_signal_to_the_whole_process_group_checkpoints_the_step_reached(tmp_path
            "--set", "train.max_steps=500"]
     proc = start(cmd, log)
     try:
-        wait_for(lambda: last_step(run_dir) >= 3 or proc.poll() is not None, 150, what="step 3")
+        wait_for(lambda: last_logged_step(run_dir) >= 3 or proc.poll() is not None, 150, what="step 3")
         assert proc.poll() is None, tail(log)
         os.killpg(proc.pid, sig)  # the agent, the fork server and both workers
         proc.wait(timeout=90)
@@ -43,5 +34,5 @@ def test_signal_to_the_whole_process_group_checkpoints_the_step_reached(tmp_path
     text = log.read_text()
     assert text.count("exiting with code 75") == 2, tail(log)
     meta = json.loads((run_dir / "checkpoints" / "meta.json").read_text())
-    assert meta["step"] == last_step(run_dir) < 500, "the checkpoint is not at the step reached"
+    assert meta["step"] == last_logged_step(run_dir) < 500, "the checkpoint is not at the step reached"
     assert [e["step"] for e in events.read(run_dir) if e["kind"] == "preempted"] == [meta["step"]]
