@@ -25,7 +25,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from launcher.config import Checks
 from trainers.common import (
-    all_reduce_mean, global_batch_indices, load_module_state, load_optimizer_state, module_state, optimizer_state,
+    all_reduce_mean,
+    global_batch_indices,
+    load_module_state,
+    load_optimizer_state,
+    module_state,
+    optimizer_state,
 )
 from trainers.protocol import TrainContext
 

@@ -30,15 +30,16 @@ import json
 import math
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from launcher.checkpoint import files, find, meta  # noqa: E402
-from launcher.checkpoint.files import CheckpointError  # noqa: E402
+from launcher.checkpoint import files, find, meta
+from launcher.checkpoint.files import CheckpointError
 
 EXIT_OK, EXIT_BAD_CHECKPOINT, EXIT_USAGE = 0, 1, 2
 
@@ -79,7 +80,7 @@ def command(name: str, help: str, *arguments: tuple[tuple, dict]):
 
 def _offline():
     # torch is imported only when a subcommand needs it, so --help stays fast.
-    from launcher.checkpoint import offline  # noqa: PLC0415
+    from launcher.checkpoint import offline
     return offline
 
 
@@ -100,7 +101,7 @@ def _info(path: Path) -> dict[str, Any]:
 
 def _locked(run_dir: Path):
     """Hold the run directory's lock, as a training job does, or refuse."""
-    from filelock import FileLock, Timeout  # noqa: PLC0415
+    from filelock import FileLock, Timeout
     lock = FileLock(str(run_dir / ".lock"))
     try:
         lock.acquire(timeout=0)
@@ -142,7 +143,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         return EXIT_OK
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[5])
+        print("  ".join(c.ljust(w) for c, w in zip(r[:5], widths, strict=True)) + "  " + r[5])
     if m is None:
         print(f"note: {why}")
     return EXIT_OK
@@ -199,7 +200,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**info, "path": str(path), "verified": check.ok, "problems": check.problems}, indent=2))
         return EXIT_OK
-    import yaml  # noqa: PLC0415
+    import yaml
     print(f"checkpoint  {path}")
     print(f"verified    {'yes' if check.ok else 'NO: ' + check.reason()}")
     for key in ("step", "epoch", "steps_per_epoch", "world_size", "trainer", "reason", "loss"):
@@ -241,7 +242,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if out.exists() and not args.force:
         raise ToolError(f"{out} already exists; pass --force to overwrite it")
     path = _checkpoint(args.path)
-    import torch  # noqa: PLC0415
+    import torch
     state = _load(path, ["model"])
     weights = state.get("model")
     if not isinstance(weights, dict) or not weights:
@@ -251,7 +252,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     torch.save(weights, tmp)
     tmp.replace(out)
     total = sum(t.numel() for t in weights.values() if isinstance(t, torch.Tensor))
-    print(f"wrote {out}: {len(weights)} tensors, {total} parameters, from {path} (step {files.read_info(path).get('step')})")
+    step = files.read_info(path).get("step")
+    print(f"wrote {out}: {len(weights)} tensors, {total} parameters, from {path} (step {step})")
     return EXIT_OK
 
 
@@ -295,7 +297,8 @@ def cmd_set_lr(args: argparse.Namespace) -> int:
     finally:
         if lock is not None:
             lock.release()
-    print(f"wrote {out}: optimizer lr {args.lr:g}" + (f" (schedule base lr {base:g}, was {_fmt(old_lr)})" if base else ""))
+    print(f"wrote {out}: optimizer lr {args.lr:g}"
+          + (f" (schedule base lr {base:g}, was {_fmt(old_lr)})" if base else ""))
     print(f"resume with: --resume {out}" + (f" --set optim.lr={base:g}" if base else ""))
     if base is not None:
         print("note: trainers that re-apply the config's optim.lr on resume (the encoder trainer does) "
@@ -334,7 +337,7 @@ def set_lr(state: dict[str, Any], lr: float) -> float | None:
          arg("--keep-every", type=int, default=0, help="also keep steps that are multiples of this"),
          arg("--dry-run", action="store_true", help="only print what would be deleted"))
 def cmd_prune(args: argparse.Namespace) -> int:
-    from launcher.checkpoint.retention import select_deletions  # noqa: PLC0415
+    from launcher.checkpoint.retention import select_deletions
     if args.keep_last < 1 or args.keep_every < 0:
         raise ToolError(f"--keep-last must be >= 1 and --keep-every >= 0, got {args.keep_last} and {args.keep_every}")
     root = _root(args.run_dir)
@@ -356,7 +359,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
             return EXIT_OK
         if m is not None:
             # meta.json stops naming them before they go.
-            verified = [n for n in m.get("verified", []) if n not in doomed] if isinstance(m.get("verified"), list) else []
+            listed = m.get("verified") if isinstance(m.get("verified"), list) else []
+            verified = [n for n in listed if n not in doomed]
             latest = m["latest"] if m["latest"] not in doomed else newest.name
             meta.write_meta(root, {**m, "latest": latest, "verified": verified})
         for name in doomed:
@@ -373,7 +377,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
          arg("a", type=Path, help="a checkpoint directory, or a run directory (its newest verified checkpoint)"),
          arg("b", type=Path, help="the same, for the other side"))
 def cmd_diff(args: argparse.Namespace) -> int:
-    from launcher.config import diff_configs  # noqa: PLC0415
+    from launcher.config import diff_configs
     a, b = _checkpoint(args.a), _checkpoint(args.b)
     ia, ib = files.read_info(a), files.read_info(b)
     print(f"A: {a}\nB: {b}")
@@ -402,7 +406,7 @@ def _metric_rows(ia: dict, ib: dict) -> list[tuple[str, Any, Any]]:
          arg("run_dir", type=Path, help="run directory (holds metrics.jsonl)"),
          arg("--out", type=Path, default=None, help="PNG to write instead of RUN_DIR/plots/loss.png"))
 def cmd_plot(args: argparse.Namespace) -> int:
-    from launcher.plots import plot_run  # noqa: PLC0415 -- matplotlib only for this subcommand
+    from launcher.plots import plot_run
     try:
         print(plot_run(args.run_dir, args.out))
     except FileNotFoundError as e:

@@ -26,9 +26,8 @@ import os
 import re
 import signal
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
-
 
 DEFAULT_PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")
 _UNCATCHABLE = ("SIGKILL", "SIGSTOP")

@@ -44,7 +44,7 @@ class MetricsLog:
         if not self.enabled:
             return
         if self._f is None:
-            self._f = open(self.path, "a")
+            self._f = open(self.path, "a")  # noqa: SIM115 (kept open for the run: one write per step)
         self._f.write(json.dumps(record) + "\n")
         self._f.flush()
 

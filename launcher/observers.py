@@ -264,7 +264,7 @@ class RunObserver(Observer):
         started = time.monotonic()
         try:
             path = plots.plot_run(self.run_dir)
-        except Exception as e:  # noqa: BLE001 -- a plot must never end a training run
+        except Exception as e:
             log.warning("Could not draw the loss plot: %s: %s", type(e).__name__, e)
             return
         finally:

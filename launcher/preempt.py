@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import signal
-from typing import Iterable
+from collections.abc import Iterable
 
 from launcher.env import DEFAULT_PREEMPT_SIGNALS
 

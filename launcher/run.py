@@ -24,10 +24,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (torchrun launcher/run.py): make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from launcher import env as cluster_env  # noqa: E402
-from launcher import exit_codes  # noqa: E402
-from launcher.preempt import PreemptionFlag  # noqa: E402
-from launcher.config import ConfigError, load_config  # noqa: E402
+from launcher import env as cluster_env
+from launcher import exit_codes
+from launcher.config import ConfigError, load_config
+from launcher.preempt import PreemptionFlag
 
 
 def build_parser() -> argparse.ArgumentParser:

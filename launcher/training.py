@@ -44,7 +44,7 @@ class Progress:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "Progress":
+    def from_json(cls, text: str) -> Progress:
         return cls(**json.loads(text))
 
 

@@ -27,8 +27,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -37,9 +38,9 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from launcher.checkpoint import files  # noqa: E402
-from launcher.checkpoint.manager import CheckpointManager  # noqa: E402
-from launcher.config import CheckpointConfig  # noqa: E402
+from launcher.checkpoint import files
+from launcher.checkpoint.manager import CheckpointManager
+from launcher.config import CheckpointConfig
 
 N_PARAMS = 25  # parameter tensors in the model
 
@@ -155,7 +156,8 @@ class Bench:
         self.record("ours, sync", timed(lambda: self.ours_sync.save(r, state, self.info(r), blocking=True)))
         self.record("ours, async: blocked", timed(lambda: self.ours_async.save(r, state, self.info(r))))
         self.ours_async.wait()
-        self.record("ours, async: total", slowest(self.ours_async.last_save_seconds + self.ours_async.last_write_seconds))
+        total = self.ours_async.last_save_seconds + self.ours_async.last_write_seconds
+        self.record("ours, async: total", slowest(total))
         if self.rank == 0:
             start = time.perf_counter()
             check = files.verify(self.ours_sync.root / f"step_{r:08d}")

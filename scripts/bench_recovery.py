@@ -42,6 +42,7 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
 from agent_cluster import Cluster, script_args, signal_proc, step_times  # noqa: E402
+
 from launcher import events  # noqa: E402
 
 KINDS = ["worker_crash", "hang", "node_replaced", "shrink", "store_host"]
@@ -94,9 +95,9 @@ class Job:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             starts = [e for e in events.read(self.run_dir) if e["kind"] == "worker_start"]
-            if starts and starts[-1]["world_size"] == size:
-                if any(t > starts[-1]["time"] for _, t in step_times(self.run_dir)):
-                    return True
+            if starts and starts[-1]["world_size"] == size \
+                    and any(t > starts[-1]["time"] for _, t in step_times(self.run_dir)):
+                return True
             time.sleep(0.2)
         return False
 
@@ -104,7 +105,8 @@ class Job:
         """Seconds from ``t_fail`` to the first step after the next worker start, or None."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            starts = [e["time"] for e in events.read(self.run_dir) if e["kind"] == "worker_start" and e["time"] > t_fail]
+            starts = [e["time"] for e in events.read(self.run_dir)
+                      if e["kind"] == "worker_start" and e["time"] > t_fail]
             if starts:
                 later = [t for _, t in step_times(self.run_dir) if t > starts[0]]
                 if later:

@@ -6,18 +6,18 @@ whole node (agent and workers) is lost with one ``killpg``. Every wait is bounde
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import psutil
-
 from helpers import FAST, PY, RUN, child_env, config_path, free_port, start, stop, tail
 
 # Chaos runs need enough steps to strike at random moments; evaluation is off to keep them short.
@@ -171,7 +171,5 @@ def first_step_after(run_dir: Path, t: float, timeout: float) -> float | None:
 
 
 def signal_proc(proc: psutil.Process, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(proc.pid, sig)
-    except ProcessLookupError:
-        pass

@@ -6,6 +6,7 @@ process group id (never by name), and every wait has a bound.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,8 +15,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -66,17 +67,15 @@ def train_cmd(trainer: str, run_dir: Path, nproc: int = 1, extra: Sequence[str] 
 
 def start(cmd: Sequence[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start ``cmd`` in its own session (its own process group), output to ``log``."""
-    f = open(log, "ab")
-    return subprocess.Popen(list(cmd), stdout=f, stderr=subprocess.STDOUT, env=env or child_env(),
-                            cwd=REPO, start_new_session=True)
+    with open(log, "ab") as f:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(list(cmd), stdout=f, stderr=subprocess.STDOUT, env=env or child_env(),
+                                cwd=REPO, start_new_session=True)
 
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGKILL, timeout: float = 30) -> None:
     """End ``proc`` and everything in its process group (which this test created)."""
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:

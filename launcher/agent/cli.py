@@ -108,17 +108,16 @@ def prepare(args: argparse.Namespace):
         args.run_path, args.start_method = True, "forkserver"
         # The fork server imports these once; every worker (and every restart) is forked from it.
         multiprocessing.set_forkserver_preload(WARM_MODULES)
-    if args.standalone:
+    if args.standalone or (args.rdzv_backend == "static" and not args.rdzv_endpoint and args.master_port is None
+          and parse_min_max_nnodes(args.nnodes)[1] == 1):
         args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
-    elif args.rdzv_backend == "static" and not args.rdzv_endpoint and args.master_port is None:
-        if parse_min_max_nnodes(args.nnodes)[1] == 1:
-            args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
     if args.master_port is None:
         args.master_port = 29500
     handled = args.signals_to_handle.split(",")
     # The preemption signals (launcher/env.py) are always handled as well: torch then forwards
-    # them to the workers and waits --shutdown_timeout for their checkpoint. Unhandled, SIGUSR1 kills the agent, and a batch system ends the step's
-    # remaining processes, the checkpointing workers with it.
+    # them to the workers and waits --shutdown_timeout for their checkpoint. Unhandled, SIGUSR1
+    # kills the agent, and a batch system ends the step's remaining processes, the checkpointing
+    # workers with it.
     args.signals_to_handle = ",".join([*handled, *(s for s in env.detect().preempt_signals if s not in handled)])
     config, cmd, cmd_args = config_from_args(args)
     if config.rdzv_backend == "c10d":

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 LONG_ACTIVITIES = frozenset({"saving", "evaluating", "starting"})
 

@@ -21,14 +21,14 @@ import json
 import socket
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from launcher import events
 from launcher import metrics as metrics_log
 from launcher.agent.progress import ProgressMonitor
-
 
 BREAKS = ("worker_start", "failure", "restart", "store_lost")
 
@@ -165,12 +165,12 @@ def kept_step_seconds(records: list[dict[str, Any]], breaks: list[float], t0: fl
     if not steps:
         return None
     gaps: list[float | None] = [None]
-    for prev, cur in zip(steps, steps[1:]):
+    for prev, cur in zip(steps, steps[1:], strict=False):
         restarted = any(prev["time"] < b <= cur["time"] for b in breaks)
         gaps.append(None if restarted or cur["step"] != prev["step"] + 1 else cur["time"] - prev["time"])
     known = [g for g in gaps if g is not None]
     typical = statistics.median(known) if known else 0.0
-    return sum(typical if g is None else g for r, g in zip(steps, gaps) if t0 <= r["time"] <= t1)
+    return sum(typical if g is None else g for r, g in zip(steps, gaps, strict=True) if t0 <= r["time"] <= t1)
 
 
 def format_summary(s: dict[str, Any]) -> str:

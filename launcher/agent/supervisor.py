@@ -81,7 +81,7 @@ def launch_once(config: LaunchConfig, entrypoint, args: list[str], options: Agen
         if close:
             try:
                 spec.rdzv_handler.shutdown()
-            except Exception as e:  # noqa: BLE001 - best effort; the exit code already says what happened
+            except Exception as e:
                 log.warning("ftrun: could not close the rendezvous: %s", e)
     final = agent.final
     if final is None:  # torch's agent returned early: this node was not admitted to the rendezvous

@@ -15,6 +15,6 @@ for _name in env.detect().preempt_signals:
     signal.signal(getattr(signal, _name), signal.SIG_IGN)
 
 import numpy  # noqa: E402,F401
-import torch  # noqa: E402,F401
-import torch.distributed  # noqa: E402,F401
+import torch  # noqa: E402
+import torch.distributed  # noqa: E402
 import torch.distributed.checkpoint  # noqa: E402,F401

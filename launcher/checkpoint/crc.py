@@ -84,6 +84,6 @@ def files_crc32(paths: list[Path], workers: int | None = None) -> dict[Path, tup
         with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="crc32") as pool:
             crcs = list(pool.map(lambda piece: _piece_crc(*piece), pieces))
     totals = {p: 0 for p in paths}
-    for (path, _, length), crc in zip(pieces, crcs):
+    for (path, _, length), crc in zip(pieces, crcs, strict=True):
         totals[path] = crc32_combine(totals[path], crc, length)
     return {p: (sizes[p], f"{totals[p]:08x}") for p in paths}

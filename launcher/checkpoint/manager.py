@@ -28,8 +28,9 @@ import concurrent.futures
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -38,9 +39,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from launcher.checkpoint import faults, files, meta
-from launcher.checkpoint.files import CheckpointError  # noqa: F401  (re-exported: training imports it here)
-from launcher.checkpoint.staging import Stager, assign_owners, tensor_signatures
+from launcher.checkpoint.files import CheckpointError
 from launcher.checkpoint.retention import select_deletions
+from launcher.checkpoint.staging import Stager, assign_owners, tensor_signatures
 from launcher.config import CheckpointConfig
 
 log = logging.getLogger("launcher.checkpoint")
@@ -59,7 +60,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
     def load_bytes(self, read_item, value) -> None:
         obj = torch.load(value, weights_only=True)
         if self.flatten_state_dict:
-            from torch.distributed.checkpoint._nested_dict import set_element  # noqa: PLC0415
+            from torch.distributed.checkpoint._nested_dict import set_element
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:
             self.state_dict[read_item.dest_index.fqn] = obj
@@ -158,7 +159,8 @@ class CheckpointManager:
             m, why = meta.read_meta(self.root)
             name = (m or {}).get("best", {}).get("name")
             if not name:
-                raise CheckpointError(f"--resume best: no best checkpoint recorded ({why or 'meta.json has no best entry'})")
+                raise CheckpointError(
+                    f"--resume best: no best checkpoint recorded ({why or 'meta.json has no best entry'})")
             resume = str(meta.safe_path(self.root, name))
         if resume != "auto":
             path = Path(resume)

@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from agent_cluster import Cluster, script_args, signal_proc, steps_done, wait_step
-from helpers import PY, checkpoint_tensors, assert_bit_equal, latest_step, run, wait_for
+from helpers import PY, assert_bit_equal, checkpoint_tensors, latest_step, run, wait_for
+
 from launcher import events
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(420)]

@@ -14,8 +14,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from helpers import PY, REPO, assert_bit_equal, checkpoint_tensors, child_env, run, tail, train_cmd
+
 from launcher.checkpoint import faults, files, meta
 
 pytestmark = [pytest.mark.chaos, pytest.mark.filterwarnings("ignore:torch.distributed is disabled")]

@@ -12,10 +12,9 @@ import signal
 from pathlib import Path
 
 import pytest
+from helpers import latest_step, run, start, stop, tail, train_cmd, wait_for
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-
-from helpers import latest_step, run, start, stop, tail, train_cmd, wait_for
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(240)]
 

@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import PY, child_env, run, tail
+
 from launcher import events
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(240)]

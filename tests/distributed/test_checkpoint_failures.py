@@ -6,9 +6,9 @@ import time
 
 import pytest
 import torch.multiprocessing as mp
-
 from ckpt_testing import failing_saves_worker
 from helpers import free_port
+
 from launcher.checkpoint import files, meta
 
 pytestmark = pytest.mark.distributed

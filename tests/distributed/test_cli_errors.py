@@ -7,7 +7,6 @@ import subprocess
 
 import numpy as np
 import pytest
-
 from helpers import PY, REPO, RUN, child_env, config_path, run, tail, train_cmd
 
 pytestmark = pytest.mark.distributed

@@ -11,9 +11,16 @@ import signal
 import psutil
 import pytest
 import torch
-
 from helpers import (
-    assert_bit_equal, checkpoint_tensors, last_logged_step, run, start, stop, tail, train_cmd, wait_for,
+    assert_bit_equal,
+    checkpoint_tensors,
+    last_logged_step,
+    run,
+    start,
+    stop,
+    tail,
+    train_cmd,
+    wait_for,
 )
 
 pytestmark = pytest.mark.distributed

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from helpers import PY, REPO, RUN, assert_bit_equal, checkpoint_tensors, run, start, stop, tail
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(240)]

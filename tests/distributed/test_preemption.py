@@ -17,10 +17,20 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from helpers import (
-    FAST, assert_bit_equal, checkpoint_tensors, child_env, config_path, run, start, stop, tail, train_cmd, wait_for,
+    FAST,
+    assert_bit_equal,
+    checkpoint_tensors,
+    child_env,
+    config_path,
+    run,
+    start,
+    stop,
+    tail,
+    train_cmd,
+    wait_for,
 )
+
 from launcher import events, exit_codes
 from launcher import run as run_cli
 from launcher.checkpoint import faults, files

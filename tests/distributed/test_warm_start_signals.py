@@ -9,8 +9,8 @@ import os
 import signal
 
 import pytest
-
 from helpers import FAST, PY, RUN, config_path, last_logged_step, start, stop, tail, wait_for
+
 from launcher import events
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(240)]

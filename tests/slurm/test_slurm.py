@@ -25,7 +25,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from helpers import FAST, REPO, assert_bit_equal, checkpoint_tensors, child_env, free_port, tail, wait_for
 
 pytestmark = pytest.mark.slurm
@@ -185,7 +184,7 @@ def test_preempted_twice_requeues_resumes_and_ends_bit_equal(cluster, reference,
             p = preempt_once(job, attempt, resume_step)
             assert p["slurm_restart_count"] == attempt, p
             assert p["meta_step"] == p["checkpoint"], f"meta.json not published for the preemption checkpoint: {p}"
-            wait_for(lambda: len(job.events("worker_start")) > attempt + 1, 120, interval=0.2,
+            wait_for(lambda n=attempt + 1: len(job.events("worker_start")) > n, 120, interval=0.2,
                      what=f"job {job.id} to be requeued and resume (attempt {attempt + 1})")
             start = job.events("worker_start")[attempt + 1]
             assert start["slurm_restart_count"] == attempt + 1, start

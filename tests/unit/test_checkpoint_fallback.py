@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from ckpt_testing import ckpt, make_info, make_run, make_state, manager, shard, template
+
 from launcher.checkpoint import files, meta
 from launcher.checkpoint.manager import CheckpointError
 
@@ -97,9 +97,9 @@ def test_unreadable_manifest_falls_back(run, caplog, text):
 
 def test_manifest_without_signature_fails_when_a_key_is_set(run, monkeypatch, caplog):
     monkeypatch.setenv(files.HMAC_ENV, "secret")
-    with caplog.at_level(logging.WARNING, logger="launcher.checkpoint"):
-        with pytest.raises(CheckpointError, match="HMAC signature does not match"):
-            resolve(run)  # none of the three was signed
+    with caplog.at_level(logging.WARNING, logger="launcher.checkpoint"), \
+            pytest.raises(CheckpointError, match="HMAC signature does not match"):
+        resolve(run)  # none of the three was signed
 
 
 def test_deleted_file_falls_back(run, caplog):

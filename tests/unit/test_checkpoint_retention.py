@@ -11,8 +11,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
 from ckpt_testing import FakeClock, ckpt, make_info, make_state, manager
+
 from launcher.checkpoint import meta
 from launcher.checkpoint.manager import CheckpointError, CheckpointManager
 from launcher.checkpoint.retention import select_deletions

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from ckpt_testing import ckpt, make_run, make_state, shard
+
 from launcher import ckpt as tool
 from launcher.checkpoint import faults, files, meta
 from launcher.checkpoint.staging import Stager, assign_owners, tensor_signatures

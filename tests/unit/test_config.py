@@ -1,7 +1,7 @@
 import pytest
+from helpers import config_path
 
 from launcher.config import ConfigError, apply_overrides, diff_configs, load_config
-from helpers import config_path
 
 
 def test_shipped_configs_load():

@@ -95,7 +95,8 @@ def test_preempt_signals_from_the_environment():
     assert detect({"FTLAUNCH_PREEMPT_SIGNALS": " "}).preempt_signals == DEFAULT_PREEMPT_SIGNALS
 
 
-@pytest.mark.parametrize("text, bad", [("SIGKILL", "SIGKILL"), ("TERM,FOO", "FOO"), ("STOP", "STOP"), (",", "no signal")])
+@pytest.mark.parametrize("text, bad",
+                         [("SIGKILL", "SIGKILL"), ("TERM,FOO", "FOO"), ("STOP", "STOP"), (",", "no signal")])
 def test_bad_preempt_signals_are_named(text, bad):
     with pytest.raises(ValueError, match="FTLAUNCH_PREEMPT_SIGNALS") as e:
         parse_signals(text)

@@ -80,4 +80,6 @@ def _read_csv(path: Path) -> np.ndarray:
 def make_windows(series: np.ndarray, window: int, stride: int) -> np.ndarray:
     """``[n, window, channels]`` windows taken every ``stride`` steps."""
     starts = range(0, len(series) - window + 1, stride)
-    return np.stack([series[s:s + window] for s in starts]) if len(series) >= window else np.empty((0, window, series.shape[1]), np.float32)
+    if len(series) < window:
+        return np.empty((0, window, series.shape[1]), np.float32)
+    return np.stack([series[s:s + window] for s in starts])

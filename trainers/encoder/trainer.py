@@ -15,8 +15,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from launcher.config import Checks
 from trainers.common import (
-    all_reduce_mean, global_batch_indices, load_module_state, load_optimizer_state, module_state,
-    optimizer_state, warmup_cosine,
+    all_reduce_mean,
+    global_batch_indices,
+    load_module_state,
+    load_optimizer_state,
+    module_state,
+    optimizer_state,
+    warmup_cosine,
 )
 from trainers.encoder.data import DataError, load_series, make_windows, synthetic_series
 from trainers.encoder.model import TemporalEncoder, masked_mse
@@ -188,5 +193,5 @@ class EncoderTrainer:
         # The config's lr wins over the saved one (fine-tuning with a new learning rate).
         self.scheduler.base_lrs = [self.cfg.optim.lr for _ in self.optimizer.param_groups]
         factor = self._lr_factor(self.scheduler.last_epoch)
-        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
             group["lr"] = base * factor

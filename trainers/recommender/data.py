@@ -99,7 +99,7 @@ class TaskSet:
 def build_tasks(data: Interactions, query_size: int, test_size: int, min_support: int, seed: int) -> TaskSet:
     """Split each user's history into support/query/test and shuffle the task order once."""
     by_user: dict[int, list[int]] = {}
-    for u, i in zip(data.users.tolist(), data.items.tolist()):
+    for u, i in zip(data.users.tolist(), data.items.tolist(), strict=True):
         seq = by_user.setdefault(u, [])
         if i not in seq:
             seq.append(i)
@@ -143,5 +143,6 @@ def load_tasks(directory: Path) -> TaskSet:
                         f"at the start of a run and reloaded on resume; restore it, or start a new --run-dir.")
     with np.load(path, allow_pickle=False) as z:
         def split(name: str) -> list[np.ndarray]:
-            return np.split(z[f"{name}_items"], np.cumsum(z[f"{name}_lengths"])[:-1]) if len(z[f"{name}_lengths"]) else []
+            lengths = z[f"{name}_lengths"]
+            return np.split(z[f"{name}_items"], np.cumsum(lengths)[:-1]) if len(lengths) else []
         return TaskSet(z["users"], split("support"), split("query"), split("test"))

@@ -27,12 +27,22 @@ from torch.func import functional_call
 
 from launcher.config import Checks
 from trainers.common import (
-    DataError, all_reduce_mean, average_gradients, global_batch_indices, load_module_state,
-    load_optimizer_state, module_state, optimizer_state,
+    DataError,
+    all_reduce_mean,
+    average_gradients,
+    global_batch_indices,
+    load_module_state,
+    load_optimizer_state,
+    module_state,
+    optimizer_state,
 )
 from trainers.protocol import TrainContext
 from trainers.recommender.data import (
-    build_tasks, load_interactions, load_tasks, save_tasks, synthetic_interactions,
+    build_tasks,
+    load_interactions,
+    load_tasks,
+    save_tasks,
+    synthetic_interactions,
 )
 from trainers.recommender.model import Recommender, Scheduler, bpr_loss
 
@@ -175,7 +185,8 @@ class RecommenderTrainer:
             users, items = self._ranking_batch(task, self.tasks.support[task])
             support_loss = bpr_loss(self.model(users, items))
             grads = torch.autograd.grad(support_loss, [params[n] for n in fast])
-            adapted = {**params, **{n: params[n] - self.cfg.optim.inner_lr * g for n, g in zip(fast, grads)}}
+            lr = self.cfg.optim.inner_lr
+            adapted = {**params, **{n: params[n] - lr * g for n, g in zip(fast, grads, strict=True)}}
             q_users, q_items = self._ranking_batch(task, self.tasks.query[task])
             query_loss = bpr_loss(functional_call(self.model, adapted, (q_users, q_items)))
             grad_norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
@@ -231,7 +242,8 @@ class RecommenderTrainer:
             test = set(int(i) for i in self.tasks.test[t])
             hits = [r for r, item in enumerate(top) if item in test]
             recall += len(hits) / len(test)
-            ndcg += sum(1 / math.log2(r + 2) for r in hits) / sum(1 / math.log2(r + 2) for r in range(min(len(test), k)))
+            ideal = sum(1 / math.log2(r + 2) for r in range(min(len(test), k)))
+            ndcg += sum(1 / math.log2(r + 2) for r in hits) / ideal
         totals = all_reduce_mean(torch.tensor([recall, ndcg], dtype=torch.float64)) * self.world
         n = len(self.tasks.users)
         return {f"recall@{k}": float(totals[0]) / n, f"ndcg@{k}": float(totals[1]) / n}
