@@ -43,6 +43,11 @@ if [ ! -x .venv/bin/python ]; then
     say "creating .venv with $PY"
     "$PY" -m venv .venv
 fi
+if ! .venv/bin/python -c '' 2>/dev/null; then
+    echo "set-up: .venv/bin/python does not run (was its base interpreter removed or moved?):" \
+         "remove .venv and run this again" >&2
+    exit 1
+fi
 DIGEST=$(cat pyproject.toml scripts/setup.sh | .venv/bin/python -c \
     'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())')
 
