@@ -2,12 +2,16 @@
 # A throw-away SLURM cluster on this one machine, for tests: munged, slurmctld and two
 # slurmd daemons posing as nodes n1 and n2 (127.0.0.1, ports 17001/17002).
 #
-#   scripts/slurm/testcluster.sh up      # install slurm-wlm + munge if missing, start, wait for idle nodes
+#   scripts/slurm/testcluster.sh install # install slurm-wlm + munge (apt-get, root) if missing;
+#                                        # `bash scripts/setup.sh --slurm` runs this
+#   scripts/slurm/testcluster.sh up      # start, wait for idle nodes (installs nothing)
 #   scripts/slurm/testcluster.sh down    # cancel its jobs, stop only the daemons it started
 #   scripts/slurm/testcluster.sh status  # sinfo / squeue against it
 #   . "$SLURM_TEST_DIR/env.sh"           # then sbatch/squeue/scontrol talk to this cluster
 #
-# Everything (config, state, logs, pid files, the munge key and socket) lives in
+# Only `install` changes the system, and only when asked; `up` (what the tests run) refuses
+# with exit code 3 when SLURM is not installed.
+# Everything else (config, state, logs, pid files, the munge key and socket) lives in
 # $SLURM_TEST_DIR (default /tmp/ftlaunch-slurm), so it touches no system-wide SLURM or
 # munge set-up and `down` kills exactly the PIDs recorded in its pid files.
 #
@@ -15,10 +19,15 @@
 #   AuthInfo=cred_expire=5            a requeued job may start again after 5 s, not 120 s
 #   SchedulerParameters=sched_interval=1,bf_interval=1   pending jobs are looked at every second
 #   SlurmdParameters=config_overrides nodes advertise CPUS_PER_NODE CPUs whatever the host has
+# and one that keeps runs apart: slurmctld starts with an empty job list (-c), so job ids
+# would start at 1 again on every `up`, and train.sbatch's default run directory
+# (runs/<job name>-<job id>) of a new job would be an old job's, which it would resume.
+#   FirstJobId=<clock seconds mod 6e7>    ids go on from one `up` to the next (SLURM's limit is 67043328)
 #
 # Environment: SLURM_TEST_DIR, SLURMCTLD_PORT (17000), SLURMD_PORTS ("17001 17002"),
 # CPUS_PER_NODE (4), SLURM_UP_TIMEOUT (60 s).
-# Exit codes of `up`: 0 up, 3 SLURM is not installed and cannot be installed here, 1 anything else.
+# Exit codes: 0 done; 3 SLURM is not installed (`up`) or cannot be installed here (`install`);
+# 1 anything else.
 set -euo pipefail
 
 STATE=${SLURM_TEST_DIR:-/tmp/ftlaunch-slurm}
@@ -31,21 +40,47 @@ declare -A PORT=([n1]=${_ports[0]} [n2]=${_ports[1]})
 
 log() { echo "testcluster: $*" >&2; }
 
+# The commands the test cluster needs, and the Debian packages that bring them.
+COMMANDS=(slurmctld slurmd munged sbatch scontrol sinfo squeue scancel)
+PACKAGES=(slurm-wlm munge)
+ENABLE="bash scripts/setup.sh --slurm"
+
+missing() {
+    local c out=()
+    for c in "${COMMANDS[@]}"; do command -v "$c" >/dev/null || out+=("$c"); done
+    echo "${out[*]}"
+}
+
 install_slurm() {
-    if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null \
-        && command -v sbatch >/dev/null; then
+    local gone
+    gone=$(missing)
+    if [ -z "$gone" ]; then
+        log "SLURM and munge are installed ($(slurmctld -V))"
         return 0
     fi
     if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
-        log "SLURM is not installed and cannot be: need root and apt-get (install slurm-wlm and munge yourself)"
+        log "cannot install ${PACKAGES[*]} (missing: $gone): needs root and apt-get; install them with your" \
+            "system's package manager"
         exit 3
     fi
-    log "installing slurm-wlm and munge with apt-get"
+    log "installing ${PACKAGES[*]} with apt-get (missing: $gone)"
     export DEBIAN_FRONTEND=noninteractive
-    if ! { apt-get update -qq >&2 && apt-get install -y -qq slurm-wlm munge >&2; }; then
-        log "apt-get could not install slurm-wlm and munge (no network or no such packages?)"
+    if ! { apt-get update -qq >&2 && apt-get install -y -qq "${PACKAGES[@]}" >&2; }; then
+        log "apt-get could not install ${PACKAGES[*]} (no network or no such packages?)"
         exit 3
     fi
+    gone=$(missing)
+    [ -z "$gone" ] || { log "still missing after the install: $gone"; exit 3; }
+    log "installed: $(slurmctld -V)"
+}
+
+require_slurm() {
+    local gone
+    gone=$(missing)
+    [ -z "$gone" ] && return 0
+    log "SLURM is not installed (missing: $gone); run \`$ENABLE\` once to install ${PACKAGES[*]}" \
+        "(apt-get, as root), or install them yourself"
+    exit 3
 }
 
 write_config() {
@@ -56,6 +91,7 @@ write_config() {
     cat >"$STATE/slurm.conf" <<CONF
 # Written by scripts/slurm/testcluster.sh: a 2-node test cluster on one host.
 ClusterName=ftlaunch-test
+FirstJobId=$(( $(date +%s) % 60000000 + 1000 ))
 SlurmctldHost=$host(127.0.0.1)
 SlurmctldPort=$CTLD_PORT
 SlurmUser=$(id -un)
@@ -122,7 +158,7 @@ wait_idle() {
 }
 
 up() {
-    install_slurm
+    require_slurm
     write_config
     export SLURM_CONF=$STATE/slurm.conf
     start_munge
@@ -165,8 +201,9 @@ down() {
 }
 
 case "${1:-}" in
+    install) install_slurm ;;
     up) up ;;
     down) down ;;
     status) export SLURM_CONF=$STATE/slurm.conf; sinfo; squeue ;;
-    *) echo "usage: $0 up|down|status   (state in \${SLURM_TEST_DIR:-/tmp/ftlaunch-slurm})" >&2; exit 2 ;;
+    *) echo "usage: $0 install|up|down|status   (state in \${SLURM_TEST_DIR:-/tmp/ftlaunch-slurm})" >&2; exit 2 ;;
 esac

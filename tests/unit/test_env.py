@@ -79,7 +79,9 @@ def test_nodelist_expansion(text, hosts):
     assert expand_slurm_nodelist(text) == hosts
 
 
-@pytest.mark.skipif(shutil.which("scontrol") is None, reason="scontrol is not installed")
+@pytest.mark.slurm
+@pytest.mark.skipif(shutil.which("scontrol") is None,
+                    reason="scontrol is not installed (run `bash scripts/setup.sh --slurm` once to install SLURM)")
 @pytest.mark.parametrize("text", ["n[1-3]", "gpu[07-10,12],cpu01", "a[1,3],b"])
 def test_nodelist_expansion_matches_scontrol(text, tmp_path):
     conf = tmp_path / "slurm.conf"  # scontrol reads a config even to expand a host list
