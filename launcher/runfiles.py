@@ -77,17 +77,15 @@ def worker_starts(run_dir: Path) -> list[dict[str, Any]]:
     return [ev for ev in events.read(run_dir) if ev.get("kind") == "worker_start"]
 
 
-def agent_report(run_dir: Path, now: float) -> dict[str, Any]:
-    """The agent's record of restarts, lost work and goodput, if ``ftrun`` ran the job.
+def agent_report(run_dir: Path) -> dict[str, Any]:
+    """The agents' record of failures, restarts and lost work, if ``ftrun`` ran the job.
 
     ``ftrun`` appends ``failure``, ``restart`` and ``recovered`` events (``launcher/agent/report.py``);
     with several nodes each agent appends its own, so they are counted once per restart
-    (``restart_count``). Goodput, the share of wall time since the first worker start spent on
-    steps that were kept, uses the agent's own measure of kept step time. Empty when no agent
-    recorded anything (plain ``python``, stock ``torchrun``, or a run without failures).
+    (``restart_count``). Empty when no agent recorded anything (plain ``python``, stock
+    ``torchrun``, or a run without failures). Goodput is not here: :mod:`launcher.goodput`
+    computes it for every run.
     """
-    from launcher.agent.report import kept_step_seconds  # one definition of goodput, the agent's
-
     evs = events.read(run_dir)
     restarts = {ev.get("restart_count") for ev in evs if ev.get("kind") == "restart" and ev.get("counts", True)}
     recovered: dict[Any, dict[str, Any]] = {}
@@ -97,18 +95,11 @@ def agent_report(run_dir: Path, now: float) -> dict[str, Any]:
     failures = {ev.get("restart_count") for ev in evs if ev.get("kind") == "failure"}
     if not (restarts or recovered or failures):
         return {}
-    out: dict[str, Any] = {
+    return {
         "failures": len(failures), "restarts": len(restarts),
         "steps_lost": sum(ev.get("steps_lost") or 0 for ev in recovered.values()),
         "downtime_seconds": round(sum(ev.get("recovery_seconds") or 0.0 for ev in recovered.values()), 3),
     }
-    starts = [ev["time"] for ev in evs
-              if ev.get("kind") == "worker_start" and isinstance(ev.get("time"), (int, float))]
-    if starts and now > starts[0]:
-        kept = kept_step_seconds(read_metrics(run_dir), starts, starts[0], now)
-        if kept is not None:
-            out["goodput"] = round(kept / (now - starts[0]), 4)
-    return out
 
 
 def checkpoint_meta(run_dir: Path) -> dict[str, Any]:
