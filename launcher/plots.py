@@ -103,8 +103,11 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
                          textcoords="offset points", color="tab:red", fontsize=8)
     axes[0].legend(loc="upper right", fontsize=8)
     axes[-1].set_xlabel("step")
+    _epoch_axis(axes[0], [r for r in records if is_eval(r)])
     last = max(r["step"] for r in records)
-    fig.suptitle(f"{run_dir.resolve().name}: steps 1-{last}, {len(resumes)} resume(s)")
+    last_epoch = max((r["epoch"] for r in records if isinstance(r.get("epoch"), int)), default=None)
+    epochs = f" (epoch {last_epoch})" if last_epoch else ""
+    fig.suptitle(f"{run_dir.resolve().name}: steps 1-{last}{epochs}, {len(resumes)} resume(s)")
 
     out = Path(out) if out else run_dir / PLOT
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -113,6 +116,18 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig.savefig(tmp, format="png", dpi=100)
     os.replace(tmp, out)
     return out
+
+
+def _epoch_axis(ax, eval_records: list[dict]) -> None:
+    """Epoch ends on a top axis, numbered as in the logs and ``metrics.jsonl`` (``launcher/epochs.py``)."""
+    ends = [(r["step"], r["epoch"]) for r in eval_records if isinstance(r.get("epoch"), int)]
+    if not ends:
+        return
+    every = max(1, len(ends) // 12)  # at most about a dozen labels
+    shown = ends[every - 1::every]
+    top = ax.secondary_xaxis("top")
+    top.set_xticks([s for s, _ in shown], labels=[str(e) for _, e in shown], fontsize=7)
+    top.set_xlabel("end of epoch", fontsize=8)
 
 
 def _draw_losses(ax, steps: dict, evals: dict) -> None:
