@@ -1,4 +1,10 @@
-"""Rank-tagged, timestamped logging: rank 0 at INFO, other ranks at WARNING, a file per rank."""
+"""Rank-tagged, timestamped logging: rank 0 at INFO, other ranks at WARNING, a file per rank.
+
+The console is for what a user acts on; ``RUN_DIR/logs/rank<N>.log`` keeps everything,
+tracebacks included. A record logged with ``extra=FILE_ONLY`` goes to the file alone: an
+expected failure (a lost peer, Ctrl-C) prints one line on the console and its traceback only
+in the file.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,17 @@ import sys
 from pathlib import Path
 
 FORMAT = "%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s"
+DATEFMT = "%Y-%m-%d %H:%M:%S"
+FILE_ONLY = {"file_only": True}  # pass as ``extra=`` to keep a record off the console
+
+
+def rank_log(run_dir: Path, rank: int) -> Path:
+    return Path(run_dir) / "logs" / f"rank{rank}.log"
+
+
+class _NotFileOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, "file_only", False)
 
 
 def setup(rank: int, level: str | None = None, run_dir: Path | None = None) -> None:
@@ -15,20 +32,31 @@ def setup(rank: int, level: str | None = None, run_dir: Path | None = None) -> N
     Args:
         rank: global rank, shown on every line.
         level: ``--log-level``; default INFO on rank 0 and WARNING elsewhere.
-        run_dir: if given, every rank also writes ``run_dir/logs/rank<N>.log`` at INFO.
+        run_dir: if given, also write the rank's log file now (see :func:`attach_file`).
     """
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-    fmt = logging.Formatter(FORMAT.format(rank=rank), datefmt="%Y-%m-%d %H:%M:%S")
     console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(fmt)
+    console.setFormatter(logging.Formatter(FORMAT.format(rank=rank), datefmt=DATEFMT))
     console.setLevel(level.upper() if level else (logging.INFO if rank == 0 else logging.WARNING))
+    console.addFilter(_NotFileOnly())
     root.addHandler(console)
     root.setLevel(logging.DEBUG if level and level.upper() == "DEBUG" else logging.INFO)
     if run_dir is not None:
-        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(run_dir / "logs" / f"rank{rank}.log")
-        fh.setFormatter(fmt)
-        fh.setLevel(logging.DEBUG if level and level.upper() == "DEBUG" else logging.INFO)
-        root.addHandler(fh)
+        attach_file(rank, run_dir, level)
+
+
+def attach_file(rank: int, run_dir: Path, level: str | None = None) -> Path:
+    """Also write every record of this rank to ``run_dir/logs/rank<N>.log`` (INFO, or DEBUG if asked).
+
+    Separate from :func:`setup` so that a run that turns out to have nothing to do (already
+    finished) leaves its run directory untouched.
+    """
+    path = rank_log(run_dir, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = logging.FileHandler(path)
+    fh.setFormatter(logging.Formatter(FORMAT.format(rank=rank), datefmt=DATEFMT))
+    fh.setLevel(logging.DEBUG if level and level.upper() == "DEBUG" else logging.INFO)
+    logging.getLogger().addHandler(fh)
+    return path
