@@ -92,7 +92,10 @@ def agent_report(run_dir: Path) -> dict[str, Any]:
     for ev in evs:
         if ev.get("kind") == "recovered":
             recovered.setdefault(ev.get("restart_count"), ev)
-    failures = {ev.get("restart_count") for ev in evs if ev.get("kind") == "failure"}
+    # Every agent records the failures it saw: one per restart, and one per loss of the rendezvous
+    # store (each surviving node's supervisor numbers its re-forms alike).
+    failures = {("failure", ev.get("restart_count")) for ev in evs if ev.get("kind") == "failure"}
+    failures |= {("store_lost", ev.get("reform")) for ev in evs if ev.get("kind") == "store_lost"}
     if not (restarts or recovered or failures):
         return {}
     return {

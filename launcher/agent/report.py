@@ -150,7 +150,8 @@ class Recorder:
         good = None
         if self.run_dir is not None:
             own = runfiles.agent_report(self.run_dir) or {k: 0 for k in own}
-            kinds |= {e.get("failure_kind") for e in events.read(self.run_dir) if e.get("kind") == "failure"}
+            kinds |= {e.get("failure_kind") if e.get("kind") == "failure" else e.get("kind")
+                      for e in events.read(self.run_dir) if e.get("kind") in ("failure", "store_lost")}
             good = goodput.of_run(self.run_dir, end)
         if self.pending is not None:
             own["downtime_seconds"] += end - self.pending.time

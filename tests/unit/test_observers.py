@@ -60,6 +60,14 @@ def test_agent_report_counts_each_restart_once_over_nodes(tmp_path):
     assert runfiles.agent_report(tmp_path) == {"failures": 1, "restarts": 1, "steps_lost": 2, "downtime_seconds": 4.0}
 
 
+def test_a_lost_store_is_one_failure_over_nodes(tmp_path):
+    fake_run(tmp_path, steps=10, resumes=(4,))
+    with open(tmp_path / "events.jsonl", "a") as f:
+        for n in ("a", "b"):  # both surviving nodes lose the store host and re-form once
+            f.write(json.dumps({"node": n, "time": 11.0, "kind": "store_lost", "reform": 1, "last_step": 6}) + "\n")
+    assert runfiles.agent_report(tmp_path)["failures"] == 1
+
+
 def test_no_agent_no_agent_report(tmp_path):
     fake_run(tmp_path, resumes=(4,))
     assert runfiles.agent_report(tmp_path) == {}
