@@ -85,7 +85,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     height = 3.2 * rows + 0.6
     fig = Figure(figsize=(10, height))
     # Fixed margins: an automatic layout engine costs as much as the drawing itself.
-    fig.subplots_adjust(left=0.08, right=0.98, top=1 - 0.55 / height, bottom=0.5 / height, hspace=0.3)
+    fig.subplots_adjust(left=0.08, right=0.98, top=1 - 0.75 / height, bottom=0.5 / height, hspace=0.35)
     axes = fig.subplots(rows, 1, sharex=True, squeeze=False)[:, 0]
     _draw_losses(axes[0], steps, evals)
     _draw_lr(axes[1], steps)
@@ -127,7 +127,7 @@ def _epoch_axis(ax, eval_records: list[dict]) -> None:
     shown = ends[every - 1::every]
     top = ax.secondary_xaxis("top")
     top.set_xticks([s for s, _ in shown], labels=[str(e) for _, e in shown], fontsize=7)
-    top.set_xlabel("end of epoch", fontsize=8)
+    ax.set_title("loss (top axis: ends of epochs 1, 2, ...)", fontsize=10, loc="left", pad=14)
 
 
 def _draw_losses(ax, steps: dict, evals: dict) -> None:
