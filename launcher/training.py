@@ -67,11 +67,11 @@ def run(cfg: RunConfig, opts: RunOptions, preempt: PreemptionFlag | None = None,
     errors keep their tracebacks.
     """
     env = cluster_env.detect()
-    ctx = ldist.init(env)
-    opts.run_dir.mkdir(parents=True, exist_ok=True)
-    logs.setup(ctx.rank, opts.log_level)  # the rank's log file is added once there is work to do
+    logs.setup(env.rank, opts.log_level)  # the rank's log file is added once there is work to do
     job: Job | None = None
     try:
+        ctx = ldist.init(env)
+        opts.run_dir.mkdir(parents=True, exist_ok=True)
         job = Job(cfg, opts, ctx, observer=observers.for_rank(ctx.is_main, cfg.train.log_interval),
                   preempt=preempt)
         return job.run()

@@ -24,20 +24,26 @@ from launcher import logs
 log = logging.getLogger("ftrun")
 
 TORCH_DIST = "torch.distributed"  # torch's registered logger: it has a handler of its own and stops there
-# torch's own report of a worker that exited non-zero (with a traceback): ftrun words it itself.
+# torch's own report of a worker that exited non-zero (with a traceback): ftrun words it itself,
+# unless the worker raised an error nobody handled (ProcessRaisedException: a warm-started worker's
+# traceback reaches the console only through this record), which keeps its traceback.
 TORCH_WORKER_EXIT = "torch.distributed.elastic.multiprocessing.api"
+WORKER_RAISED = "ProcessRaisedException"
 LOG_FILE = "ftrun.log"
 
 
 class _Console(logging.Filter):
-    """On the console: no file-only records; torch's records only from ERROR up, one line each."""
+    """On the console: no file-only records; torch's records only from ERROR up, one line each;
+    a worker's unhandled error in full."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "file_only", False):
             return False
         if not record.name.startswith("torch"):
             return True
-        if record.levelno < logging.ERROR or record.name == TORCH_WORKER_EXIT:
+        if record.name == TORCH_WORKER_EXIT:
+            return record.exc_info is not None and type(record.exc_info[1]).__name__ == WORKER_RAISED
+        if record.levelno < logging.ERROR:
             return False
         record.msg, record.args = record.getMessage().splitlines()[0], None
         record.exc_info = record.exc_text = None

@@ -86,3 +86,8 @@ def test_ftrun_console_shows_torch_errors_in_one_line_and_keeps_tracebacks_for_t
     file_only.file_only = True
     assert not any(keep.filter(r) for r in (worker_exit, warning, file_only))
     assert keep.filter(logging.LogRecord("ftrun", logging.WARNING, "x", 1, "ftrun: restarting", None, None))
+    # a worker's unhandled error (a bug, not an expected failure) keeps its traceback on the console
+    raised = type(console.WORKER_RAISED, (Exception,), {})("-- Process 0 terminated with the following error: ...")
+    bug = logging.LogRecord(console.TORCH_WORKER_EXIT, logging.ERROR, "x", 1, "failed (exitcode: 1)", None,
+                            (type(raised), raised, None))
+    assert keep.filter(bug) and bug.exc_info is not None
