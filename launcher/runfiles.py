@@ -92,17 +92,28 @@ def agent_report(run_dir: Path) -> dict[str, Any]:
     for ev in evs:
         if ev.get("kind") == "recovered":
             recovered.setdefault(ev.get("restart_count"), ev)
-    # Every agent records the failures it saw: one per restart, and one per loss of the rendezvous
-    # store (each surviving node's supervisor numbers its re-forms alike).
-    failures = {("failure", ev.get("restart_count")) for ev in evs if ev.get("kind") == "failure"}
-    failures |= {("store_lost", ev.get("reform")) for ev in evs if ev.get("kind") == "store_lost"}
+    failures = outages(evs)
     if not (restarts or recovered or failures):
         return {}
     return {
-        "failures": len(failures), "restarts": len(restarts),
+        "failures": failures, "restarts": len(restarts),
         "steps_lost": sum(ev.get("steps_lost") or 0 for ev in recovered.values()),
         "downtime_seconds": round(sum(ev.get("recovery_seconds") or 0.0 for ev in recovered.values()), 3),
     }
+
+
+def outages(evs: list[dict[str, Any]]) -> int:
+    """Failures, counted as outages: a ``failure`` or ``store_lost`` and every such event after it
+    until a ``recovered`` (each agent records what it saw, and one lost node is a worker exit on
+    one node, a lost store on another, or both on one)."""
+    count, down = 0, False
+    for ev in sorted((e for e in evs if isinstance(e.get("time"), (int, float))), key=lambda e: e["time"]):
+        if ev.get("kind") in ("failure", "store_lost"):
+            count += 0 if down else 1
+            down = True
+        elif ev.get("kind") == "recovered":
+            down = False
+    return count
 
 
 def checkpoint_meta(run_dir: Path) -> dict[str, Any]:

@@ -71,7 +71,6 @@ class FtAgent(LocalElasticAgent):
         self.recorder = recorder or Recorder(options.run_dir)
         self.final: Decision | None = None
         self._hung: dict[int, str] = {}
-        self._nodes: dict[str, int] | None = None  # the rendezvous' nodes at the last (re)start
 
     # ------------------------------------------------------------------ loop
 
@@ -177,11 +176,12 @@ class FtAgent(LocalElasticAgent):
     def _say_membership(self, worker_group: WorkerGroup) -> None:
         """After each rendezvous: which nodes left or joined since the last one, in one line."""
         nodes = console.participants(worker_group.spec.rdzv_handler)
-        if nodes is not None and self._nodes is not None:
-            line = console.membership_line(self._nodes, nodes)
+        before = self.recorder.nodes  # kept by the recorder: a new agent after a lost store knows them too
+        if nodes is not None and before is not None:
+            line = console.membership_line(before, nodes)
             if line:
                 log.warning("ftrun: %s; this node is node %d", line, worker_group.group_rank)
-        self._nodes = nodes
+        self.recorder.nodes = nodes
 
     def _setup_local_watchdog(self, envs: dict[int, dict[str, str]]) -> None:
         # torch's hook for adding variables to each worker's environment (it adds its timer

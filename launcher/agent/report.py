@@ -54,6 +54,7 @@ class Recorder:
     membership_changes: int = 0
     group_rank: int | None = None
     pending: _Pending | None = None
+    nodes: dict[str, int] | None = None  # the job's nodes at the last rendezvous (for ftrun's wording)
 
     def __post_init__(self) -> None:
         self.started = self.started or self.clock()
