@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import re
 import signal
+import time
 from pathlib import Path
 
 from launcher import events, exit_codes, logs, runfiles
@@ -45,17 +46,32 @@ class InterruptFlag:
 
     The flag matters when the interrupt surfaces as another error: a rank whose peer was
     interrupted first sees its collective fail before its own ``KeyboardInterrupt`` is raised.
+    A repeat within ``REPEAT_WINDOW`` seconds is the same Ctrl-C delivered twice (the terminal
+    signals the whole process group, and torchrun/ftrun forward it to their workers): it is
+    ignored, so it cannot break off the report of the first. A later one interrupts the stop.
     """
 
-    def __init__(self) -> None:
-        self.raised = False
+    REPEAT_WINDOW = 2.0
+
+    def __init__(self, clock=time.monotonic) -> None:
+        self.clock = clock
+        self.count = 0
         self.reported = False  # the one line was printed
+        self._first: float | None = None
+
+    @property
+    def raised(self) -> bool:
+        return self.count > 0
 
     def install(self) -> None:
         signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.raised = True
+        now = self.clock()
+        if self._first is not None and now - self._first < self.REPEAT_WINDOW:
+            return
+        self._first = self._first if self._first is not None else now
+        self.count += 1
         raise KeyboardInterrupt
 
 

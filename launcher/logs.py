@@ -9,6 +9,8 @@ in the file.
 from __future__ import annotations
 
 import logging
+import logging.handlers
+import os
 import sys
 from pathlib import Path
 
@@ -42,21 +44,42 @@ def setup(rank: int, level: str | None = None, run_dir: Path | None = None) -> N
     console.setLevel(level.upper() if level else (logging.INFO if rank == 0 else logging.WARNING))
     console.addFilter(_NotFileOnly())
     root.addHandler(console)
-    root.setLevel(logging.DEBUG if level and level.upper() == "DEBUG" else logging.INFO)
+    # Records before the file is attached are kept here and written to it when it is (a run
+    # that turns out to be finished never attaches it, and its records go nowhere).
+    pending = _Pending(capacity=100_000, flushLevel=logging.CRITICAL + 1)
+    pending.setLevel(_file_level(level))
+    root.addHandler(pending)
+    root.setLevel(_file_level(level))
     if run_dir is not None:
         attach_file(rank, run_dir, level)
+
+
+def _file_level(level: str | None) -> int:
+    return logging.DEBUG if level and level.upper() == "DEBUG" else logging.INFO
+
+
+class _Pending(logging.handlers.MemoryHandler):
+    """Holds records until the rank's log file exists."""
 
 
 def attach_file(rank: int, run_dir: Path, level: str | None = None) -> Path:
     """Also write every record of this rank to ``run_dir/logs/rank<N>.log`` (INFO, or DEBUG if asked).
 
     Separate from :func:`setup` so that a run that turns out to have nothing to do (already
-    finished) leaves its run directory untouched.
+    finished) leaves its run directory untouched. The records logged before are written first.
+    Calling it again does nothing.
     """
     path = rank_log(run_dir, rank)
+    root = logging.getLogger()
+    if any(isinstance(h, logging.FileHandler) and h.baseFilename == os.path.abspath(path) for h in root.handlers):
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fh = logging.FileHandler(path)
     fh.setFormatter(logging.Formatter(FORMAT.format(rank=rank), datefmt=DATEFMT))
-    fh.setLevel(logging.DEBUG if level and level.upper() == "DEBUG" else logging.INFO)
-    logging.getLogger().addHandler(fh)
+    fh.setLevel(_file_level(level))
+    for pending in [h for h in root.handlers if isinstance(h, _Pending)]:
+        pending.setTarget(fh)
+        pending.flush()
+        root.removeHandler(pending)
+    root.addHandler(fh)
     return path

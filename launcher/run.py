@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv, interrupt)
     except KeyboardInterrupt:  # before training began, or a second Ctrl-C while stopping
         if not interrupt.reported:
-            print("Interrupted before training started; run the same command to start or resume", file=sys.stderr)
+            when = "before training started" if interrupt.count <= 1 else "while stopping"
+            print(f"Interrupted {when}; run the same command to start or resume", file=sys.stderr)
         return exit_codes.INTERRUPTED
 
 

@@ -78,6 +78,8 @@ def run(cfg: RunConfig, opts: RunOptions, preempt: PreemptionFlag | None = None,
     except KeyboardInterrupt as e:
         return endings.interrupted(env, opts.run_dir, job.step_reached if job else None, interrupt, e)
     except Exception as e:
+        if opts.run_dir.is_dir():  # whatever the failure, the rank's log file has it (and what led to it)
+            logs.attach_file(env.rank, opts.run_dir, opts.log_level)
         if interrupt is not None and interrupt.raised:  # a peer stopped by the same Ctrl-C failed us first
             return endings.interrupted(env, opts.run_dir, job.step_reached if job else None, interrupt, e)
         if endings.is_peer_failure(e):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher import endings, epochs, finished
+from launcher import endings, epochs, finished, logs
 from launcher.agent import console
 from launcher.checkpoint.files import CheckpointError
 from launcher.config import TrainConfig
@@ -38,6 +38,20 @@ def test_interrupted_line():
         "Interrupted at step 31; latest verified checkpoint step 28; run the same command to resume"
     assert endings.interrupted_line(3, None) == \
         "Interrupted at step 3; no verified checkpoint yet; run the same command to start again"
+
+
+def test_the_same_ctrl_c_delivered_twice_interrupts_once():
+    now = [100.0]
+    flag = endings.InterruptFlag(clock=lambda: now[0])
+    with pytest.raises(KeyboardInterrupt):
+        flag._handle(2, None)
+    now[0] += 0.3
+    flag._handle(2, None)  # forwarded by torchrun/ftrun: ignored
+    assert flag.count == 1
+    now[0] += 5.0
+    with pytest.raises(KeyboardInterrupt):  # the user presses Ctrl-C again while it stops
+        flag._handle(2, None)
+    assert flag.count == 2 and flag.raised
 
 
 def test_one_epoch_numbering():
@@ -91,3 +105,28 @@ def test_ftrun_console_shows_torch_errors_in_one_line_and_keeps_tracebacks_for_t
     bug = logging.LogRecord(console.TORCH_WORKER_EXIT, logging.ERROR, "x", 1, "failed (exitcode: 1)", None,
                             (type(raised), raised, None))
     assert keep.filter(bug) and bug.exc_info is not None
+
+
+def test_rank_log_holds_what_came_before_it_and_expected_tracebacks_stay_off_the_console(tmp_path, capsys):
+    log = logging.getLogger("launcher")
+    try:
+        logs.setup(rank=0)
+        log.info("chose checkpoint step_00000010")
+        try:
+            raise RuntimeError(GLOO)
+        except RuntimeError as e:
+            log.error("Details", exc_info=e, extra=logs.FILE_ONLY)
+        assert not (tmp_path / "logs").exists()  # nothing written before there is work to do
+        path = logs.attach_file(0, tmp_path)
+        assert logs.attach_file(0, tmp_path) == path  # once
+        log.info("training")
+        for h in logging.getLogger().handlers:
+            h.flush()
+        text = path.read_text()
+        assert text.count("chose checkpoint") == 1 and text.count("training") == 1 and "Traceback" in text
+        err = capsys.readouterr().err
+        assert "chose checkpoint" in err and "Traceback" not in err
+    finally:
+        for h in list(logging.getLogger().handlers):
+            logging.getLogger().removeHandler(h)
+            h.close()
