@@ -38,6 +38,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from launcher import epochs
 from launcher.checkpoint import files, find, meta
 from launcher.checkpoint.files import CheckpointError
 
@@ -133,7 +134,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         notes = [n for n, on in (("best", name == best), ("latest", name == latest)) if on]
         if not check.ok:
             notes.append(check.problems[0] + (f" (+{len(check.problems) - 1} more)" if len(check.problems) > 1 else ""))
-        rows.append((name, str(info.get("step", "?")), str(info.get("epoch", "?")), _human(files.dir_size(path)),
+        rows.append((name, str(info.get("step", "?")), str(epochs.of_info(info)), _human(files.dir_size(path)),
                      "yes" if check.ok else "NO", ", ".join(notes)))
     for p in sorted(root.iterdir()):
         if p.name.startswith(meta.TMP_PREFIX):
@@ -203,9 +204,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     import yaml
     print(f"checkpoint  {path}")
     print(f"verified    {'yes' if check.ok else 'NO: ' + check.reason()}")
+    shown = {**info, "epoch": epochs.of_info(info)} if "step" in info else info
     for key in ("step", "epoch", "steps_per_epoch", "world_size", "trainer", "reason", "loss"):
-        if key in info:
-            print(f"{key:<11} {_fmt(info[key])}")
+        if key in shown:
+            print(f"{key:<11} {_fmt(shown[key])}")
     for key, value in sorted((info.get("metrics") or {}).items()):
         print(f"{key:<11} {_fmt(value)}")
     history = info.get("history") or []
@@ -394,6 +396,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def _metric_rows(ia: dict, ib: dict) -> list[tuple[str, Any, Any]]:
+    ia, ib = ({**i, "epoch": epochs.of_info(i)} if "step" in i else i for i in (ia, ib))
     rows = [(k, ia.get(k, "-"), ib.get(k, "-")) for k in ("step", "epoch", "world_size", "loss")]
     ma, mb = ia.get("metrics") or {}, ib.get("metrics") or {}
     rows += [(k, ma.get(k, "-"), mb.get(k, "-")) for k in sorted(set(ma) | set(mb))]

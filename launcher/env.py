@@ -3,7 +3,8 @@
 Three environments are recognised, in this order:
 
 * **torchrun / ftrun** (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``...): the
-  launcher's agent has already done rendezvous; ``TORCHELASTIC_RESTART_COUNT`` counts restarts.
+  launcher's agent has already done rendezvous; ``TORCHELASTIC_RESTART_COUNT`` counts restarts
+  out of ``TORCHELASTIC_MAX_RESTARTS``.
 * **SLURM** (``SLURM_JOB_ID`` ...): read for job id, node list, node rank and
   ``SLURM_RESTART_COUNT`` (requeues). When a worker is started by ``srun`` directly, with no
   torchrun in between, ``SLURM_PROCID``/``SLURM_NTASKS`` give rank and world size.
@@ -48,6 +49,7 @@ class ClusterEnv:
     job_id: str = ""
     nodes: tuple[str, ...] = field(default_factory=tuple)
     restart_count: int = 0  # restarts of the workers by torchrun/ftrun
+    max_restarts: int = 0  # the agent's restart budget (torchrun/ftrun --max_restarts)
     requeue_count: int = 0  # SLURM requeues (SLURM_RESTART_COUNT)
     agent_progress_file: str = ""  # set by ftrun: where this rank reports its progress
     num_nodes: int = 1  # machines in the job (torchrun's GROUP_WORLD_SIZE, else SLURM's node count)
@@ -129,7 +131,8 @@ def detect(env: Mapping[str, str] | None = None) -> ClusterEnv:
             node_rank=_int(env, "GROUP_RANK", _int(env, "RANK") // max(local_ws, 1)),
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"), master_port=_int(env, "MASTER_PORT"),
             num_nodes=_int(env, "GROUP_WORLD_SIZE", slurm_nodes if "SLURM_JOB_ID" in env else 1),
-            restart_count=_int(env, "TORCHELASTIC_RESTART_COUNT"), **common)
+            restart_count=_int(env, "TORCHELASTIC_RESTART_COUNT"),
+            max_restarts=_int(env, "TORCHELASTIC_MAX_RESTARTS"), **common)
     if "SLURM_JOB_ID" in env and "SLURM_PROCID" in env and _int(env, "SLURM_NTASKS", 1) > 1:
         return ClusterEnv(
             kind="slurm", rank=_int(env, "SLURM_PROCID"), world_size=_int(env, "SLURM_NTASKS", 1),

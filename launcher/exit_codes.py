@@ -7,6 +7,7 @@ code   meaning
 2      bad command line or configuration: fix the input, restarting will not help
 3      checkpoint problem: no valid checkpoint, architecture mismatch, run directory in use
 75     preempted: a verified checkpoint was written on SIGTERM/SIGUSR1; requeue the job
+130    interrupted (Ctrl-C, SIGINT): stopped at once; run the same command to resume
 =====  ==================================================================================
 """
 
@@ -14,6 +15,7 @@ OK = 0
 CONFIG_ERROR = 2
 CHECKPOINT_ERROR = 3
 PREEMPTED = 75  # EX_TEMPFAIL: "try again later"
+INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a program ended by Ctrl-C
 
 # Exits that mean "do not restart locally": restarting reproduces the same error, or
 # (PREEMPTED) the job script is about to requeue the whole job.

@@ -1,12 +1,31 @@
-"""Rank-tagged, timestamped logging: rank 0 at INFO, other ranks at WARNING, a file per rank."""
+"""Rank-tagged, timestamped logging: rank 0 at INFO, other ranks at WARNING, a file per rank.
+
+The console is for what a user acts on; ``RUN_DIR/logs/rank<N>.log`` keeps everything,
+tracebacks included. A record logged with ``extra=FILE_ONLY`` goes to the file alone: an
+expected failure (a lost peer, Ctrl-C) prints one line on the console and its traceback only
+in the file.
+"""
 
 from __future__ import annotations
 
 import logging
+import logging.handlers
+import os
 import sys
 from pathlib import Path
 
 FORMAT = "%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s"
+DATEFMT = "%Y-%m-%d %H:%M:%S"
+FILE_ONLY = {"file_only": True}  # pass as ``extra=`` to keep a record off the console
+
+
+def rank_log(run_dir: Path, rank: int) -> Path:
+    return Path(run_dir) / "logs" / f"rank{rank}.log"
+
+
+class _NotFileOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, "file_only", False)
 
 
 def setup(rank: int, level: str | None = None, run_dir: Path | None = None) -> None:
@@ -15,20 +34,52 @@ def setup(rank: int, level: str | None = None, run_dir: Path | None = None) -> N
     Args:
         rank: global rank, shown on every line.
         level: ``--log-level``; default INFO on rank 0 and WARNING elsewhere.
-        run_dir: if given, every rank also writes ``run_dir/logs/rank<N>.log`` at INFO.
+        run_dir: if given, also write the rank's log file now (see :func:`attach_file`).
     """
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-    fmt = logging.Formatter(FORMAT.format(rank=rank), datefmt="%Y-%m-%d %H:%M:%S")
     console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(fmt)
+    console.setFormatter(logging.Formatter(FORMAT.format(rank=rank), datefmt=DATEFMT))
     console.setLevel(level.upper() if level else (logging.INFO if rank == 0 else logging.WARNING))
+    console.addFilter(_NotFileOnly())
     root.addHandler(console)
-    root.setLevel(logging.DEBUG if level and level.upper() == "DEBUG" else logging.INFO)
+    # Records before the file is attached are kept here and written to it when it is (a run
+    # that turns out to be finished never attaches it, and its records go nowhere).
+    pending = _Pending(capacity=100_000, flushLevel=logging.CRITICAL + 1)
+    pending.setLevel(_file_level(level))
+    root.addHandler(pending)
+    root.setLevel(_file_level(level))
     if run_dir is not None:
-        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(run_dir / "logs" / f"rank{rank}.log")
-        fh.setFormatter(fmt)
-        fh.setLevel(logging.DEBUG if level and level.upper() == "DEBUG" else logging.INFO)
-        root.addHandler(fh)
+        attach_file(rank, run_dir, level)
+
+
+def _file_level(level: str | None) -> int:
+    return logging.DEBUG if level and level.upper() == "DEBUG" else logging.INFO
+
+
+class _Pending(logging.handlers.MemoryHandler):
+    """Holds records until the rank's log file exists."""
+
+
+def attach_file(rank: int, run_dir: Path, level: str | None = None) -> Path:
+    """Also write every record of this rank to ``run_dir/logs/rank<N>.log`` (INFO, or DEBUG if asked).
+
+    Separate from :func:`setup` so that a run that turns out to have nothing to do (already
+    finished) leaves its run directory untouched. The records logged before are written first.
+    Calling it again does nothing.
+    """
+    path = rank_log(run_dir, rank)
+    root = logging.getLogger()
+    if any(isinstance(h, logging.FileHandler) and h.baseFilename == os.path.abspath(path) for h in root.handlers):
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = logging.FileHandler(path)
+    fh.setFormatter(logging.Formatter(FORMAT.format(rank=rank), datefmt=DATEFMT))
+    fh.setLevel(_file_level(level))
+    for pending in [h for h in root.handlers if isinstance(h, _Pending)]:
+        pending.setTarget(fh)
+        pending.flush()
+        root.removeHandler(pending)
+    root.addHandler(fh)
+    return path

@@ -85,7 +85,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     height = 3.2 * rows + 0.6
     fig = Figure(figsize=(10, height))
     # Fixed margins: an automatic layout engine costs as much as the drawing itself.
-    fig.subplots_adjust(left=0.08, right=0.98, top=1 - 0.55 / height, bottom=0.5 / height, hspace=0.3)
+    fig.subplots_adjust(left=0.08, right=0.98, top=1 - 0.75 / height, bottom=0.5 / height, hspace=0.35)
     axes = fig.subplots(rows, 1, sharex=True, squeeze=False)[:, 0]
     _draw_losses(axes[0], steps, evals)
     _draw_lr(axes[1], steps)
@@ -103,8 +103,11 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
                          textcoords="offset points", color="tab:red", fontsize=8)
     axes[0].legend(loc="upper right", fontsize=8)
     axes[-1].set_xlabel("step")
+    _epoch_axis(axes[0], [r for r in records if is_eval(r)])
     last = max(r["step"] for r in records)
-    fig.suptitle(f"{run_dir.resolve().name}: steps 1-{last}, {len(resumes)} resume(s)")
+    last_epoch = max((r["epoch"] for r in records if isinstance(r.get("epoch"), int)), default=None)
+    epochs = f" (epoch {last_epoch})" if last_epoch else ""
+    fig.suptitle(f"{run_dir.resolve().name}: steps 1-{last}{epochs}, {len(resumes)} resume(s)")
 
     out = Path(out) if out else run_dir / PLOT
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -113,6 +116,18 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig.savefig(tmp, format="png", dpi=100)
     os.replace(tmp, out)
     return out
+
+
+def _epoch_axis(ax, eval_records: list[dict]) -> None:
+    """Epoch ends on a top axis, numbered as in the logs and ``metrics.jsonl`` (``launcher/epochs.py``)."""
+    ends = [(r["step"], r["epoch"]) for r in eval_records if isinstance(r.get("epoch"), int)]
+    if not ends:
+        return
+    every = max(1, len(ends) // 12)  # at most about a dozen labels
+    shown = ends[every - 1::every]
+    top = ax.secondary_xaxis("top")
+    top.set_xticks([s for s, _ in shown], labels=[str(e) for _, e in shown], fontsize=7)
+    ax.set_title("loss (top axis: ends of epochs 1, 2, ...)", fontsize=10, loc="left", pad=14)
 
 
 def _draw_losses(ax, steps: dict, evals: dict) -> None:

@@ -10,14 +10,19 @@ Usage::
 Run the same command again after any failure: it resumes from the latest verified
 checkpoint in ``--run-dir`` and ends bit-for-bit where an uninterrupted run would.
 
-Exit codes: 0 done, 2 bad command line or config, 3 checkpoint problem (none valid,
-architecture mismatch, run directory in use), 75 preempted after a checkpoint
-(see ``launcher/exit_codes.py``).
+Rerunning a finished run says so and changes nothing. Ctrl-C stops at once with one line
+(``Interrupted at step N; latest verified checkpoint step M; ...``); a lost peer process or
+node ends this one with one line too. Their tracebacks go to ``RUN_DIR/logs/rank<N>.log``.
+
+Exit codes: 0 done (or already done), 2 bad command line or config, 3 checkpoint problem (none
+valid, architecture mismatch, run directory in use), 75 preempted after a checkpoint, 130
+interrupted (see ``launcher/exit_codes.py``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -27,6 +32,7 @@ if __package__ in (None, ""):  # run as a script (torchrun launcher/run.py): mak
 from launcher import env as cluster_env
 from launcher import exit_codes
 from launcher.config import ConfigError, load_config
+from launcher.endings import InterruptFlag
 from launcher.preempt import PreemptionFlag
 
 
@@ -49,6 +55,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    interrupt = InterruptFlag()
+    interrupt.install()
+    try:
+        return _main(argv, interrupt)
+    except KeyboardInterrupt:  # before training began, or a second Ctrl-C while stopping
+        if not interrupt.reported:
+            when = "before training started" if interrupt.count <= 1 else "while stopping"
+            print(f"Interrupted {when}; run the same command to start or resume", file=sys.stderr)
+        return exit_codes.INTERRUPTED
+
+
+def _main(argv: list[str] | None, interrupt: InterruptFlag) -> int:
+    # torch's C++ warnings (a store connection closed, with a C++ stack) repeat what the one-line
+    # report of a lost peer says; they stay available with TORCH_CPP_LOG_LEVEL=WARNING. Read by
+    # torch when it is first imported, below.
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     # Catch the preemption signals first: a worker forked by ftrun's warm-start server inherits
     # them ignored, and a signal during start-up must still lead to a checkpoint at step end.
     preempt = PreemptionFlag()
@@ -67,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     from trainers.common import DataError
     try:
         return run(cfg, RunOptions(run_dir=args.run_dir, resume=args.resume,
-                                   reset_optimizer=args.reset_optimizer, log_level=args.log_level), preempt)
+                                   reset_optimizer=args.reset_optimizer, log_level=args.log_level), preempt,
+                   interrupt)
     except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return exit_codes.CONFIG_ERROR

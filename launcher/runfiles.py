@@ -77,38 +77,43 @@ def worker_starts(run_dir: Path) -> list[dict[str, Any]]:
     return [ev for ev in events.read(run_dir) if ev.get("kind") == "worker_start"]
 
 
-def agent_report(run_dir: Path, now: float) -> dict[str, Any]:
-    """The agent's record of restarts, lost work and goodput, if ``ftrun`` ran the job.
+def agent_report(run_dir: Path) -> dict[str, Any]:
+    """The agents' record of failures, restarts and lost work, if ``ftrun`` ran the job.
 
     ``ftrun`` appends ``failure``, ``restart`` and ``recovered`` events (``launcher/agent/report.py``);
     with several nodes each agent appends its own, so they are counted once per restart
-    (``restart_count``). Goodput, the share of wall time since the first worker start spent on
-    steps that were kept, uses the agent's own measure of kept step time. Empty when no agent
-    recorded anything (plain ``python``, stock ``torchrun``, or a run without failures).
+    (``restart_count``). Empty when no agent recorded anything (plain ``python``, stock
+    ``torchrun``, or a run without failures). Goodput is not here: :mod:`launcher.goodput`
+    computes it for every run.
     """
-    from launcher.agent.report import kept_step_seconds  # one definition of goodput, the agent's
-
     evs = events.read(run_dir)
     restarts = {ev.get("restart_count") for ev in evs if ev.get("kind") == "restart" and ev.get("counts", True)}
     recovered: dict[Any, dict[str, Any]] = {}
     for ev in evs:
         if ev.get("kind") == "recovered":
             recovered.setdefault(ev.get("restart_count"), ev)
-    failures = {ev.get("restart_count") for ev in evs if ev.get("kind") == "failure"}
+    failures = outages(evs)
     if not (restarts or recovered or failures):
         return {}
-    out: dict[str, Any] = {
-        "failures": len(failures), "restarts": len(restarts),
+    return {
+        "failures": failures, "restarts": len(restarts),
         "steps_lost": sum(ev.get("steps_lost") or 0 for ev in recovered.values()),
         "downtime_seconds": round(sum(ev.get("recovery_seconds") or 0.0 for ev in recovered.values()), 3),
     }
-    starts = [ev["time"] for ev in evs
-              if ev.get("kind") == "worker_start" and isinstance(ev.get("time"), (int, float))]
-    if starts and now > starts[0]:
-        kept = kept_step_seconds(read_metrics(run_dir), starts, starts[0], now)
-        if kept is not None:
-            out["goodput"] = round(kept / (now - starts[0]), 4)
-    return out
+
+
+def outages(evs: list[dict[str, Any]]) -> int:
+    """Failures, counted as outages: a ``failure`` or ``store_lost`` and every such event after it
+    until a ``recovered`` (each agent records what it saw, and one lost node is a worker exit on
+    one node, a lost store on another, or both on one)."""
+    count, down = 0, False
+    for ev in sorted((e for e in evs if isinstance(e.get("time"), (int, float))), key=lambda e: e["time"]):
+        if ev.get("kind") in ("failure", "store_lost"):
+            count += 0 if down else 1
+            down = True
+        elif ev.get("kind") == "recovered":
+            down = False
+    return count
 
 
 def checkpoint_meta(run_dir: Path) -> dict[str, Any]:

@@ -1,13 +1,9 @@
 """The run summary: printed when an attempt ends and written to ``RUN_DIR/summary.json``.
 
 It describes the run, not the attempt: final and best metrics over the whole history
-(``metrics.jsonl``), wall time since the first worker started (``events.jsonl``), the
-agent's restarts and goodput when it recorded them, and where the latest and best
-checkpoints are (``checkpoints/meta.json``).
-
-Goodput here is kept step time over the wall time since the first worker start, so it reads a
-little higher than the figure in ``ftrun``'s own exit summary, which also counts the agent's
-start-up and shut-down and is printed after this one.
+(``metrics.jsonl``), the run's wall time and goodput (:mod:`launcher.goodput`, the same
+figures ``ftrun`` prints at exit), the agents' restarts when ``ftrun`` recorded them
+(``events.jsonl``), and where the latest and best checkpoints are (``checkpoints/meta.json``).
 """
 
 from __future__ import annotations
@@ -18,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from launcher import goodput
 from launcher.plots import is_loss_like
 from launcher.runfiles import agent_report, checkpoint_meta, is_eval, read_metrics, scalars, worker_starts
 
@@ -30,19 +27,20 @@ def build(run_dir: Path, loop: dict[str, Any], now: float | None = None) -> dict
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
     starts = worker_starts(run_dir)
-    first = min((ev["time"] for ev in starts if isinstance(ev.get("time"), (int, float))), default=None)
+    good = goodput.of_run(run_dir, now)
     out: dict[str, Any] = {
         "status": loop.get("status"),
         "step": loop.get("step"),
         "total_steps": loop.get("total_steps"),
         "final": _final(records),
         "best": _best(records),
-        "wall_seconds": round(now - first, 3) if first is not None else None,
+        "wall_seconds": round(good.wall_seconds, 3) if good else None,
+        "goodput": round(good.fraction, 4) if good else None,
         "attempt_seconds": round(float(loop.get("attempt_seconds", 0.0)), 3),
         "attempts": len(starts),
         "resumed_at": list(loop.get("resumed_at", [])),
     }
-    agent = agent_report(run_dir, now)
+    agent = agent_report(run_dir)
     if agent:
         out["agent"] = agent
     out["checkpoints"] = _checkpoints(run_dir)
@@ -111,11 +109,12 @@ def format_text(summary: dict[str, Any]) -> str:
              f"this attempt {_hms(summary['attempt_seconds'])}"]
     if summary["resumed_at"]:
         lines.append(f"  resumed at step(s): {', '.join(map(str, summary['resumed_at']))}")
+    if summary.get("goodput") is not None:
+        lines.append(f"  goodput {100 * summary['goodput']:.1f} % (wall time on steps that were kept)")
     agent = summary.get("agent")
     if agent:
-        goodput = f", goodput {100 * agent['goodput']:.1f} %" if "goodput" in agent else ""
         lines.append(f"  ftrun: {agent['restarts']} restart(s) after {agent['failures']} failure(s), "
-                     f"{agent['steps_lost']} step(s) lost, downtime {agent['downtime_seconds']:.1f} s{goodput}")
+                     f"{agent['steps_lost']} step(s) lost, downtime {agent['downtime_seconds']:.1f} s")
     for part in ("train", "eval"):
         final = summary["final"].get(part)
         if final:

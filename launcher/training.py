@@ -9,14 +9,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 import torch.distributed as dist
 import yaml
 from filelock import FileLock, Timeout
 
 from launcher import dist as ldist
+from launcher import endings, epochs, events, exit_codes, finished, logs, observers, rng
 from launcher import env as cluster_env
-from launcher import events, exit_codes, logs, observers, rng
 from launcher.checkpoint import files
 from launcher.checkpoint.manager import CheckpointError, CheckpointManager
 from launcher.config import RunConfig, diff_configs, flatten
@@ -58,20 +59,35 @@ class RunOptions:
     log_level: str | None = None
 
 
-def run(cfg: RunConfig, opts: RunOptions, preempt: PreemptionFlag | None = None) -> int:
-    """Train ``cfg`` in ``opts.run_dir`` on this process's share of the job; return the exit code."""
+def run(cfg: RunConfig, opts: RunOptions, preempt: PreemptionFlag | None = None,
+        interrupt: endings.InterruptFlag | None = None) -> int:
+    """Train ``cfg`` in ``opts.run_dir`` on this process's share of the job; return the exit code.
+
+    Ctrl-C and a lost peer end the process with one line each (:mod:`launcher.endings`); other
+    errors keep their tracebacks.
+    """
     env = cluster_env.detect()
-    ctx = ldist.init(env)
-    opts.run_dir.mkdir(parents=True, exist_ok=True)
-    logs.setup(ctx.rank, opts.log_level, opts.run_dir)
-    log.info("Process group: backend %s, world size %d, device %s (%s launch)", ctx.backend, ctx.world_size,
-             ctx.device, ctx.env.kind)
+    logs.setup(env.rank, opts.log_level)  # the rank's log file is added once there is work to do
+    job: Job | None = None
     try:
-        return Job(cfg, opts, ctx, observer=observers.for_rank(ctx.is_main, cfg.train.log_interval),
-                   preempt=preempt).run()
-    except CheckpointError as e:
-        log.error("%s", e)
-        return exit_codes.CHECKPOINT_ERROR
+        ctx = ldist.init(env)
+        opts.run_dir.mkdir(parents=True, exist_ok=True)
+        job = Job(cfg, opts, ctx, observer=observers.for_rank(ctx.is_main, cfg.train.log_interval),
+                  preempt=preempt)
+        return job.run()
+    except KeyboardInterrupt as e:
+        return endings.interrupted(env, opts.run_dir, job.step_reached if job else None, interrupt, e)
+    except Exception as e:
+        if opts.run_dir.is_dir():  # whatever the failure, the rank's log file has it (and what led to it)
+            logs.attach_file(env.rank, opts.run_dir, opts.log_level)
+        if interrupt is not None and interrupt.raised:  # a peer stopped by the same Ctrl-C failed us first
+            return endings.interrupted(env, opts.run_dir, job.step_reached if job else None, interrupt, e)
+        if endings.is_peer_failure(e):
+            return endings.peer_lost(env, opts.run_dir, job.step_reached if job else None, e)
+        if isinstance(e, CheckpointError):
+            log.error("%s", e)
+            return exit_codes.CHECKPOINT_ERROR
+        raise
     finally:
         ldist.shutdown()
 
@@ -91,7 +107,13 @@ class Job:
         self.heartbeat = Heartbeat(ctx.env.agent_progress_file, ctx.rank)
         self.preempt = preempt or PreemptionFlag()
         self.progress = Progress()
+        self.started = False  # training began: the start is recorded and the loop runs
         self._lock: FileLock | None = None
+
+    @property
+    def step_reached(self) -> int | None:
+        """Steps completed when training began or since; None before it began."""
+        return self.progress.step if self.started else None
 
     # ------------------------------------------------------------------ start
 
@@ -104,6 +126,9 @@ class Job:
             self.manager.prepare()
             path = self.manager.resolve(self.opts.resume)
             info = files.read_info(path) if path else None
+            if info and self._already_finished(path, info):
+                return exit_codes.OK
+            self._start_logs()
             if info:
                 self._check_config(info)
             # Every generator of every rank starts from the seed, so a fresh attempt and a resumed
@@ -127,6 +152,18 @@ class Job:
             self.observer.close()
             if self._lock is not None:
                 self._lock.release()
+
+    def _already_finished(self, path: Path, info: dict[str, Any]) -> bool:
+        """Say so and touch nothing if the checkpoint to resume from already reached the target."""
+        message = finished.check(self.cfg.train, info, path)
+        if message:
+            log.info("%s", message)
+        return message is not None
+
+    def _start_logs(self) -> None:
+        logs.attach_file(self.ctx.rank, self.run_dir, self.opts.log_level)
+        log.info("Process group: backend %s, world size %d, device %s (%s launch)", self.ctx.backend,
+                 self.ctx.world_size, self.ctx.device, self.ctx.env.kind)
 
     def _lock_run_dir(self) -> None:
         """Refuse a second live job on this run directory (the lock dies with its holder)."""
@@ -181,9 +218,8 @@ class Job:
         self.progress.resumed_at.append(step)
         self.manager.mark_saved(step)
         dropped = self.metrics.truncate_after(step)
-        spe = self.trainer.steps_per_epoch()
-        log.info("Resumed from epoch %d, step %d (checkpoint %s); %d epoch record(s) restored%s; target %d steps",
-                 step // spe + 1, step, path.name, len(self.progress.history),
+        log.info("Resumed at step %d (%s; checkpoint %s); %d epoch record(s) restored%s; target %d steps",
+                 step, epochs.describe(step, self.trainer.steps_per_epoch()), path.name, len(self.progress.history),
                  f"; dropped {dropped} metrics record(s) logged after it" if dropped else "", self.total_steps)
         if weights_only:
             log.info("--reset-optimizer: weights loaded; optimizer and lr schedule start fresh at step %d", step)
@@ -213,7 +249,14 @@ class Job:
         if self.ctx.is_main:
             events.append(self.run_dir, "worker_start", step=self.progress.step, checkpoint=path.name if path else None,
                           world_size=self.ctx.world_size, restart_count=env.restart_count,
-                          slurm_restart_count=env.requeue_count, job_id=env.job_id)
+                          slurm_restart_count=env.requeue_count, job_id=env.job_id,
+                          launched=psutil.Process().create_time())
+        self.started = True
+
+    def _record_end(self, status: str) -> None:
+        """A deliberate end (finished, preempted): the run's wall time pauses until its next start."""
+        if self.ctx.is_main:
+            events.append(self.run_dir, "run_end", status=status, step=self.progress.step)
 
     def _write_config(self) -> None:
         if self.ctx.is_main:
@@ -238,7 +281,7 @@ class Job:
             p.epoch_loss_sum += out["loss"]
             p.epoch_loss_count += 1
             epoch_end = p.step % spe == 0
-            record = {"step": p.step, "epoch": (p.step - 1) // spe + 1, **out, "time": time.time()}
+            record = {"step": p.step, "epoch": epochs.of_step(p.step, spe), **out, "time": time.time()}
             self.metrics.write(record)
             self.observer.on_step(record)
             # Rank 0's observer prints progress itself (a bar, or lines with steps/s and ETA).
@@ -257,10 +300,12 @@ class Job:
                 if self.ctx.is_main:
                     events.append(self.run_dir, "preempted", step=p.step, signal=self.preempt.name,
                                   slurm_restart_count=self.ctx.env.requeue_count, job_id=self.ctx.env.job_id)
+                self._record_end("preempted")
                 self.observer.on_end(self._summary("preempted", started))
                 return exit_codes.PREEMPTED
         self.manager.wait()
         log.info("Training finished: %d steps in %.1f s this attempt", p.step, time.time() - started)
+        self._record_end("finished")
         self.observer.on_end(self._summary("finished", started))
         return exit_codes.OK
 
@@ -305,7 +350,7 @@ class Job:
         spe = self.trainer.steps_per_epoch()
         state = {**self.trainer.state_dict(), "progress": p.to_json(),
                  "rng": {f"rank{self.ctx.rank}": rng.capture()}}
-        info = {"step": p.step, "epoch": p.step // spe, "steps_per_epoch": spe, "loss": out["loss"],
+        info = {"step": p.step, "epoch": epochs.of_step(p.step, spe), "steps_per_epoch": spe, "loss": out["loss"],
                 "metrics": evals, "config": self.cfg.to_dict(), "trainer": self.cfg.trainer,
                 "reason": reason, "time": time.time(), "history": p.history[-5:]}
         self.manager.save(p.step, state, info, blocking=blocking)

@@ -19,7 +19,7 @@ grep -h -m1 "Process group" "$OUT/clean.log"
 FTLAUNCH_FAILPOINT=after_meta:15 trun --config configs/encoder.yaml --run-dir "$OUT/broken" "${FAST[@]}" > "$OUT/broken.log" 2>&1
 echo "failpoint run exit $? (expected non-zero: killed after step 15's checkpoint)"
 trun --config configs/encoder.yaml --run-dir "$OUT/broken" "${FAST[@]}" > "$OUT/resume.log" 2>&1; echo "resume exit $?"
-grep -h "Resumed from" "$OUT/resume.log"
+grep -h "Resumed at" "$OUT/resume.log"
 trun --config configs/encoder.yaml --run-dir "$OUT/async" "${FAST[@]}" --set checkpoint.async=true > "$OUT/async.log" 2>&1; echo "async exit $?"
 trun --config configs/recommender.yaml --run-dir "$OUT/rec" --set train.max_steps=30 > "$OUT/rec.log" 2>&1; echo "recommender exit $?"
 grep -h "epoch .* done" "$OUT/rec.log" | tail -1

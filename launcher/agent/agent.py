@@ -35,6 +35,7 @@ from pathlib import Path
 from torch.distributed.elastic.agent.server.api import DEFAULT_ROLE, RunResult, WorkerGroup, WorkerState
 from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 
+from launcher.agent import console
 from launcher.agent.policy import Action, Decision, Observation, PolicyConfig, RestartPolicy, Seen
 from launcher.agent.progress import ProgressMonitor
 from launcher.agent.report import Recorder
@@ -50,6 +51,7 @@ class AgentOptions:
 
     run_dir: Path | None  # where events.jsonl, progress reports and stack dumps go (None: a temp dir)
     progress_template: str  # per-rank progress file, containing "{rank}"
+    script: str = ""  # the user's training script (or module), as given on the command line
     hang_timeout: float = 600.0  # --hang-timeout: seconds without progress before a rank counts as hung
     long_activity_factor: float = 3.0  # saves and evaluations may take this many times longer
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -75,7 +77,8 @@ class FtAgent(LocalElasticAgent):
     def _invoke_run(self, role: str = DEFAULT_ROLE) -> RunResult:
         wg = self._worker_group
         log.info("ftrun: starting workers for %s (hang timeout %.0f s, %d restarts allowed)",
-                 wg.spec.get_entrypoint_name(), self.options.hang_timeout, self.options.policy.max_restarts)
+                 self.options.script or wg.spec.get_entrypoint_name(), self.options.hang_timeout,
+                 self.options.policy.max_restarts)
         self._initialize_workers(wg)
         while True:
             time.sleep(wg.spec.monitor_interval)
@@ -114,8 +117,14 @@ class FtAgent(LocalElasticAgent):
         # Workers read TORCHELASTIC_RESTART_COUNT from this (torch computes it from the budget).
         self._remaining_restarts = wg.spec.max_restarts - self.policy.restarts
         self.recorder.restart(self.policy.restarts, decision.reason, decision.delay, decision.counts)
-        log.warning("ftrun: restarting workers (%s); restart %d of %d%s", decision.reason, self.policy.restarts,
-                    wg.spec.max_restarts, f" after {decision.delay:.1f} s back-off" if decision.delay else "")
+        if decision.counts:
+            last = self.recorder.failures[-1] if self.recorder.failures else {}
+            what = console.worker_failure(last.get("ranks") or []) if "ranks" in last and "exit_code" in last \
+                else decision.reason
+            log.warning("ftrun: %s", console.restart_line(what, self.policy.restarts, wg.spec.max_restarts,
+                                                          decision.delay))
+        else:
+            log.warning("ftrun: %s", decision.reason)
         self._stop_workers(wg)
         self.recorder.workers_stopped(self.progress)
         wg.state = WorkerState.STOPPED
@@ -143,6 +152,7 @@ class FtAgent(LocalElasticAgent):
 
     def _initialize_workers(self, worker_group: WorkerGroup) -> None:
         super()._initialize_workers(worker_group)
+        self._say_membership(worker_group)
         self.progress.start_attempt({w.global_rank: w.id for w in worker_group.workers})
         self.recorder.group_rank = worker_group.group_rank
         self.policy.restarted()
@@ -162,6 +172,16 @@ class FtAgent(LocalElasticAgent):
                 log.error("ftrun: hang: %s", line)
             return RunResult(state=WorkerState.UNHEALTHY)
         return result
+
+    def _say_membership(self, worker_group: WorkerGroup) -> None:
+        """After each rendezvous: which nodes left or joined since the last one, in one line."""
+        nodes = console.participants(worker_group.spec.rdzv_handler)
+        before = self.recorder.nodes  # kept by the recorder: a new agent after a lost store knows them too
+        if nodes is not None and before is not None:
+            line = console.membership_line(before, nodes)
+            if line:
+                log.warning("ftrun: %s; this node is node %d", line, worker_group.group_rank)
+        self.recorder.nodes = nodes
 
     def _setup_local_watchdog(self, envs: dict[int, dict[str, str]]) -> None:
         # torch's hook for adding variables to each worker's environment (it adds its timer

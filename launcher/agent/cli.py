@@ -19,9 +19,14 @@ How it differs from torchrun (details in ``docs/agent.md``):
   ``.py`` scripts), so a restart does not pay for the torch import again;
 * if the agent loses the rendezvous store (the node hosting it died), the per-node supervisor
   starts a new agent, which hosts a new store at the same endpoint if it can;
-* events go to ``RUN_DIR/events.jsonl`` and a summary is printed at exit.
+* events go to ``RUN_DIR/events.jsonl`` and a summary is printed at exit;
+* the console gets one line per event in plain words; tracebacks and torch's own warnings go
+  to ``RUN_DIR/logs/ftrun.log`` (torch's C++ warnings are off unless ``TORCH_CPP_LOG_LEVEL`` is set);
+* a run that already finished (``launcher/run.py`` whose checkpoint reached its target) is
+  reported in one line before any rendezvous, and nothing is started or written.
 
-Exit codes: 0 all workers finished; the worker's own code for 2, 3, 75; 1 otherwise.
+Exit codes: 0 all workers finished (or the run had finished already); the worker's own code
+for 2, 3, 75; 130 after Ctrl-C; 1 otherwise.
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ import threading
 import uuid
 from pathlib import Path
 
-from launcher import env
+from launcher import env, finished
+from launcher.agent import console
 from launcher.agent.policy import PolicyConfig
 
 log = logging.getLogger("ftrun")
@@ -146,14 +152,23 @@ def options_from_args(args: argparse.Namespace, cmd_args: list[str]):
     run_dir = Path(args.ft_run_dir) if args.ft_run_dir else script_run_dir(cmd_args)
     progress_dir = run_dir / "ftrun" / "progress" if run_dir else Path(tempfile.mkdtemp(prefix="ftrun-"))
     progress_dir.mkdir(parents=True, exist_ok=True)
-    return AgentOptions(run_dir=run_dir, progress_template=str(progress_dir / "rank{rank}.json"),
+    return AgentOptions(run_dir=run_dir, script=args.training_script,
+                        progress_template=str(progress_dir / "rank{rank}.json"),
                         hang_timeout=args.hang_timeout, long_activity_factor=args.long_activity_factor,
                         policy=policy)
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="[ftrun %(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    # torch's C++ warnings repeat, with a C++ stack, what ftrun and the workers say in one line
+    # (a store connection closed). Read once, when torch is imported (build_parser imports it);
+    # the fork server and the workers inherit it.
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     args = build_parser().parse_args(argv)
+    done = finished.check_command(args.training_script, args.training_script_args, module=args.module)
+    if done:  # before any rendezvous: a late node of a finished job starts nothing and writes nothing
+        print(done, file=sys.stderr)
+        return 0
+    console.setup(Path(args.ft_run_dir) if args.ft_run_dir else script_run_dir(args.training_script_args))
     try:
         config, cmd, cmd_args = prepare(args)
         options = options_from_args(args, cmd_args)

@@ -7,6 +7,7 @@ Events written here (all through :func:`launcher.events.append`, one JSON line e
 ``restart``   restart_count, reason, delay (back-off), counts (spends budget or not)
 ``recovered`` failure_time, failure_kind, resumed_from, steps_lost, recovery_seconds (from the
               failure to the first step completed after it), restart_count
+``agent_start`` pid: this agent started (the run's wall time starts at the first one)
 ``agent_stop`` reason, exit_code
 ``store_lost`` / ``reform`` (the per-node supervisor, :mod:`launcher.agent.cli`)
 
@@ -18,19 +19,17 @@ reports (late by at most the report throttle, 0.5 s).
 from __future__ import annotations
 
 import json
+import os
 import socket
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launcher import events
+from launcher import events, goodput, runfiles
 from launcher import metrics as metrics_log
 from launcher.agent.progress import ProgressMonitor
-
-BREAKS = ("worker_start", "failure", "restart", "store_lost")
 
 
 @dataclass
@@ -55,6 +54,7 @@ class Recorder:
     membership_changes: int = 0
     group_rank: int | None = None
     pending: _Pending | None = None
+    nodes: dict[str, int] | None = None  # the job's nodes at the last rendezvous (for ftrun's wording)
 
     def __post_init__(self) -> None:
         self.started = self.started or self.clock()
@@ -117,6 +117,9 @@ class Recorder:
         if self.pending is None:
             self.pending = _Pending(rec["time"], "store_lost", last)
 
+    def agent_started(self) -> None:
+        self._append("agent_start", pid=os.getpid())
+
     def stopped(self, reason: str, exit_code: int) -> None:
         self._append("agent_stop", reason=reason, exit_code=exit_code)
 
@@ -138,45 +141,32 @@ class Recorder:
     # ------------------------------------------------------------------ summary
 
     def summary(self, result: str) -> dict[str, Any]:
+        """What the exit summary shows: the run's record (the same numbers as ``summary.json``)
+        when there is a run directory, else this agent's own."""
         end = self.clock()
-        wall = max(end - self.started, 1e-9)
-        downtime = sum(r["recovery_seconds"] for r in self.recoveries)
+        own = {"failures": len(self.failures), "restarts": self.restarts,
+               "steps_lost": sum(r["steps_lost"] or 0 for r in self.recoveries),
+               "downtime_seconds": sum(r["recovery_seconds"] for r in self.recoveries)}
+        kinds = {f["failure_kind"] for f in self.failures}
+        good = None
+        if self.run_dir is not None:
+            own = runfiles.agent_report(self.run_dir) or {k: 0 for k in own}
+            kinds |= {e.get("failure_kind") if e.get("kind") == "failure" else e.get("kind")
+                      for e in events.read(self.run_dir) if e.get("kind") in ("failure", "store_lost")}
+            good = goodput.of_run(self.run_dir, end)
         if self.pending is not None:
-            downtime += end - self.pending.time
-        # A gap between two kept steps that spans a failure, restart or start-up is no step time.
-        breaks = [e["time"] for e in (events.read(self.run_dir) if self.run_dir else []) if e["kind"] in BREAKS]
-        kept = kept_step_seconds(self._metrics(), breaks, self.started, end)
-        return {"node": self.node, "result": result, "wall_seconds": wall, "restarts": self.restarts,
-                "membership_changes": self.membership_changes, "failures": len(self.failures),
-                "failure_kinds": sorted({f["failure_kind"] for f in self.failures}),
-                "unrecovered": self.pending is not None, "downtime_seconds": downtime,
-                "steps_lost": sum(r["steps_lost"] or 0 for r in self.recoveries),
-                "goodput": kept / wall if kept is not None else None}
-
-
-def kept_step_seconds(records: list[dict[str, Any]], breaks: list[float], t0: float, t1: float) -> float | None:
-    """Seconds spent on the steps in ``metrics.jsonl`` (which holds only kept steps) within [t0, t1].
-
-    A step's time is the gap to the previous step's record. The first step of an attempt (one
-    of the ``breaks`` times, e.g. a ``worker_start``, lies in the gap) would also count the
-    outage and start-up, so it gets the median step time.
-    """
-    steps = [r for r in records if "loss" in r and "time" in r]
-    if not steps:
-        return None
-    gaps: list[float | None] = [None]
-    for prev, cur in zip(steps, steps[1:], strict=False):
-        restarted = any(prev["time"] < b <= cur["time"] for b in breaks)
-        gaps.append(None if restarted or cur["step"] != prev["step"] + 1 else cur["time"] - prev["time"])
-    known = [g for g in gaps if g is not None]
-    typical = statistics.median(known) if known else 0.0
-    return sum(typical if g is None else g for r, g in zip(steps, gaps, strict=True) if t0 <= r["time"] <= t1)
+            own["downtime_seconds"] += end - self.pending.time
+        return {"node": self.node, "result": result, **own,
+                "wall_seconds": good.wall_seconds if good else max(end - self.started, 1e-9),
+                "membership_changes": self.membership_changes, "failure_kinds": sorted(k for k in kinds if k),
+                "unrecovered": self.pending is not None, "goodput": good.fraction if good else None}
 
 
 def format_summary(s: dict[str, Any]) -> str:
-    """The one-screen summary printed when the agent exits."""
-    goodput = f"{100 * s['goodput']:.1f} % of wall time on steps that were kept" if s["goodput"] is not None \
-        else "n/a (no metrics.jsonl in the run directory)"
+    """The one-screen summary printed when the agent exits: the run's figures, the same as
+    ``summary.json``'s (goodput as defined in ``docs/failures.md``)."""
+    goodput = f"{100 * s['goodput']:.1f} % of the run's wall time on steps that were kept" \
+        if s["goodput"] is not None else "n/a (no metrics.jsonl in the run directory)"
     kinds = ", ".join(s["failure_kinds"]) or "none"
     lines = [
         f"==================== ftrun summary ({s['node']}) ====================",

@@ -35,6 +35,8 @@ from torch.distributed.elastic.rendezvous.api import (
 )
 from torch.distributed.launcher.api import LaunchConfig, _get_addr_and_port
 
+from launcher import logs
+from launcher.agent import console
 from launcher.agent.agent import AgentOptions, FtAgent
 from launcher.agent.policy import Action
 from launcher.agent.report import Recorder, format_summary
@@ -90,9 +92,14 @@ def launch_once(config: LaunchConfig, entrypoint, args: list[str], options: Agen
 
 
 def supervise(config: LaunchConfig, entrypoint, args: list[str], options: AgentOptions, store_reforms: int) -> int:
-    """Run agents on this node until the job ends; print the summary; return the exit code."""
+    """Run agents on this node until the job ends; print the summary; return the exit code.
+
+    After Ctrl-C the summary goes to the log file only: the workers' one line (``Interrupted at
+    step N; ...``) is the last thing on the console.
+    """
     recorder = Recorder(options.run_dir)
-    reforms, code, result = 0, 1, "failed"
+    recorder.agent_started()
+    reforms, code, result, quiet = 0, 1, "failed", False
     try:
         while True:
             try:
@@ -105,8 +112,8 @@ def supervise(config: LaunchConfig, entrypoint, args: list[str], options: AgentO
                     log.error("ftrun: %s", result)
                     return 1
                 reforms += 1
-                log.warning("ftrun: lost the rendezvous store (%s: %s); starting a new agent (%d of %d)",
-                            type(e).__name__, str(e).splitlines()[0] if str(e) else "", reforms, store_reforms)
+                log.warning("ftrun: %s", console.store_lost_line(config.rdzv_endpoint, reforms, store_reforms))
+                log.info("ftrun: the store error was %s: %s", type(e).__name__, e, extra=logs.FILE_ONLY)
                 recorder.store_lost(error=f"{type(e).__name__}: {e}", reform=reforms)
                 time.sleep(1.0)  # let the dead store's port be released before binding it
             except RendezvousClosedError:
@@ -116,6 +123,11 @@ def supervise(config: LaunchConfig, entrypoint, args: list[str], options: AgentO
             except SignalException as e:
                 result = f"stopped by {signal.Signals(e.sigval).name}"
                 code = 128 + int(e.sigval)
+                quiet = e.sigval == signal.SIGINT
                 return code
     finally:
-        print(format_summary(recorder.summary(result)), flush=True)
+        text = format_summary(recorder.summary(result))
+        if quiet:
+            log.info("%s", text, extra=logs.FILE_ONLY)
+        else:
+            print(text, flush=True)

@@ -5,7 +5,7 @@ Schema (``format`` 1)::
     {
       "format": 1,
       "latest": "step_00000120",          # a directory name under checkpoints/
-      "step": 120, "epoch": 2, "world_size": 2,
+      "step": 120, "epoch": 8, "world_size": 2,
       "verified": ["step_00000120", "step_00000100"],   # newest first, short list
       "best": {"name": "step_00000100", "metric": "val_loss", "mode": "min", "value": 0.31},
       "updated": 1764441600.0

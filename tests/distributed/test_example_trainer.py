@@ -30,7 +30,7 @@ def test_example_trainer_resumes_bit_exact(tmp_path):
     finally:
         stop(uninterrupted)
     text = log.read_text()
-    assert "Resumed from epoch 4, step 20" in text  # 205 training points / 32 = 6 steps per epoch
+    assert "Resumed at step 20 (epoch 4, 2 of 6 steps done" in text  # 205 training points / 32 = 6 steps per epoch
     assert "Config change accepted on resume: train.max_steps: 20 -> 40" in text
     compared = assert_bit_equal(checkpoint_tensors(whole / "checkpoints" / "step_00000040"),
                                 checkpoint_tensors(split / "checkpoints" / "step_00000040"))

@@ -9,7 +9,6 @@ import pytest
 from launcher import exit_codes
 from launcher.agent.policy import Action, Observation, Phase, PolicyConfig, RestartPolicy, Seen
 from launcher.agent.progress import ProgressMonitor, Report
-from launcher.agent.report import kept_step_seconds
 
 CRASH = Observation(Seen.FAILED, exit_codes=(1,), progressed=True)
 CRASH_AT_ONCE = Observation(Seen.FAILED, exit_codes=(1,), progressed=False)
@@ -180,13 +179,6 @@ def test_progress_needs_a_step_beyond_the_resume_point():
     assert m.progressed and m.first_progress_time == 1.5
 
 
-def test_kept_step_seconds_skips_start_up_gaps():
-    recs = [{"step": s, "loss": 1.0, "time": float(s)} for s in range(1, 6)]
-    recs += [{"step": s, "loss": 1.0, "time": 100.0 + s} for s in range(6, 9)]  # resumed after a restart
-    kept = kept_step_seconds(recs, breaks=[50.0], t0=0.0, t1=200.0)
-    assert kept == pytest.approx(8 * 1.0)  # 6 gaps of 1 s, and two first steps at the median 1 s
-
-
 # ---------------------------------------------------------------- events and summary
 
 
@@ -205,6 +197,7 @@ def test_recorder_writes_failure_and_recovery_with_steps_lost_and_downtime(tmp_p
 
     clock = [1000.0]
     rec = Recorder(tmp_path, node="n0", clock=lambda: clock[0])
+    rec.agent_started()  # the run's wall time starts here
     metrics = [{"step": s, "loss": 1.0, "time": 1000.0 + s} for s in range(1, 13)]  # steps 1..12, 1 s each
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics) + '{"step": 13, "lo')
     clock[0] = 1013.0

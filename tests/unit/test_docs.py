@@ -99,7 +99,7 @@ def readme_setup_commands(text: str) -> set[str]:
     assert m, "README.md has no '## ...Set-up...' section"
     section = m.group(1)
     found = []
-    for block in re.findall(r"```[a-z]*\n(.*?)```", section, re.DOTALL):
+    for block in re.findall(r"```(?!text|console)[a-z]*\n(.*?)```", section, re.DOTALL):  # not sample output
         found += shell_commands(block)
     found += [c for c in re.findall(r"`([^`\n]+)`", section) if c.startswith(("bash ", "python", ".venv/"))]
     return set(found)

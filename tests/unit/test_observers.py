@@ -57,13 +57,26 @@ def test_agent_report_counts_each_restart_once_over_nodes(tmp_path):
             f.write(json.dumps(node(n, time=12.0, kind="restart", restart_count=1, counts=True)) + "\n")
             f.write(json.dumps(node(n, time=15.0, kind="recovered", restart_count=1, steps_lost=2,
                                     recovery_seconds=4.0)) + "\n")
-    report = runfiles.agent_report(tmp_path, now=110.0)
-    assert report == {"failures": 1, "restarts": 1, "steps_lost": 2, "downtime_seconds": 4.0, "goodput": 0.0909}
+    assert runfiles.agent_report(tmp_path) == {"failures": 1, "restarts": 1, "steps_lost": 2, "downtime_seconds": 4.0}
+
+
+def test_one_lost_node_is_one_failure_whatever_each_agent_saw(tmp_path):
+    fake_run(tmp_path, steps=10, resumes=(4,))
+    with open(tmp_path / "events.jsonl", "a") as f:
+        # node a's worker lost its peer, then node a lost the store the dead node hosted; node b saw
+        # only the store go; the job recovered; later a second, separate failure
+        for ev in ({"node": "a", "time": 11.0, "kind": "failure", "restart_count": 1},
+                   {"node": "a", "time": 11.1, "kind": "store_lost", "reform": 1},
+                   {"node": "b", "time": 11.2, "kind": "store_lost", "reform": 1},
+                   {"node": "a", "time": 15.0, "kind": "recovered", "restart_count": 0, "recovery_seconds": 4.0},
+                   {"node": "a", "time": 30.0, "kind": "failure", "restart_count": 1}):
+            f.write(json.dumps(ev) + "\n")
+    assert runfiles.agent_report(tmp_path)["failures"] == 2
 
 
 def test_no_agent_no_agent_report(tmp_path):
     fake_run(tmp_path, resumes=(4,))
-    assert runfiles.agent_report(tmp_path, now=200.0) == {}
+    assert runfiles.agent_report(tmp_path) == {}
 
 
 def test_summary_final_best_and_checkpoints(tmp_path):
