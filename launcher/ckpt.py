@@ -318,7 +318,9 @@ def cmd_set_lr(args: argparse.Namespace) -> int:
             name, entry = set_lr(state, args.lr, args.optimizer)
         except KeyError as e:
             raise ToolError(str(e.args[0])) from None
-        what = f"optimizer '{name}' lr {args.lr:g} (base lr {entry.base:.4g} for {entry.key})"
+        what = f"optimizer '{name}' lr {args.lr:g} from step {files.read_info(path).get('step')} on" + (
+            f" (schedule base {entry.override:.4g}, replacing {entry.key} = {entry.config:g})"
+            if entry.next_factor != 1 else f" (replacing {entry.key} = {entry.config:g})")
     else:
         what = _set_lr_plain(state, path, args)
     info = files.read_info(path)

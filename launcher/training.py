@@ -71,8 +71,8 @@ def run(cfg: RunConfig, opts: RunOptions, preempt: PreemptionFlag | None = None)
     ctx = ldist.init(env, timeout_s=cfg.dist.timeout_s)
     opts.run_dir.mkdir(parents=True, exist_ok=True)
     logs.setup(ctx.rank, opts.log_level, opts.run_dir)
-    log.info("Process group: backend %s, world size %d, device %s (%s launch)", ctx.backend, ctx.world_size,
-             ctx.device, ctx.env.kind)
+    log.info("Process group: backend %s, world size %d, device %s (%s launch), collective timeout %g s",
+             ctx.backend, ctx.world_size, ctx.device, ctx.env.kind, cfg.dist.timeout_s)
     try:
         return Job(cfg, opts, ctx, observer=observers.for_rank(ctx.is_main, cfg.train.log_interval),
                    preempt=preempt).run()

@@ -85,43 +85,39 @@ class WarmupCosine:
 
 @dataclass
 class LrEntry:
-    """One optimizer's learning-rate bookkeeping, as saved in a checkpoint."""
+    """One optimizer's learning-rate bookkeeping, as saved in a checkpoint: what governs its next step."""
 
-    key: str  # the config key that sets this optimizer's base lr in the current phase, e.g. "optim.lr"
+    key: str  # the config key that sets the base lr of the next step, e.g. "optim.lr"
     state_key: str  # where the optimizer's state lives in the checkpoint, e.g. "optim"
     config: float  # that key's value in the config the run was trained with
-    base: float  # base lr in force (the schedule's peak; the lr itself for a constant lr)
-    lr: float  # lr of the last step taken
+    lr: float = 0.0  # lr of the last step taken
+    next_factor: float = 1.0  # the schedule's factor for the next step (1 for a constant lr)
     override: float | None = None  # base lr set by ``ckpt set-lr`` (None: no edit)
 
 
 class LrControl:
     """Base learning rates of a trainer's named optimizers, and the precedence on resume."""
 
-    def __init__(self, keys: dict[str, tuple[str, str]]):
-        """``keys``: optimizer name -> (config key of its base lr, checkpoint state key)."""
-        self.entries = {name: LrEntry(key=k, state_key=s, config=0.0, base=0.0, lr=0.0)
-                        for name, (k, s) in keys.items()}
+    def __init__(self, keys: dict[str, tuple[str, str]], config: dict[str, float]):
+        """``keys``: optimizer name -> (config key of its first step's base lr, checkpoint state key);
+        ``config``: optimizer name -> that key's value."""
+        self.entries = {name: LrEntry(key=k, state_key=s, config=config[name]) for name, (k, s) in keys.items()}
 
-    def base(self, name: str, key: str, config_value: float) -> float:
-        """Base lr of optimizer ``name`` when its lr is set by config ``key`` (=``config_value``).
-
-        A set-lr override applies while the optimizer's lr is governed by the key it was made
-        for; when a trainer moves to a phase with another key, the override ends (logged once).
-        """
+    def base(self, name: str, config_value: float) -> float:
+        """Base lr of optimizer ``name`` for this step: a set-lr override, else ``config_value``."""
         entry = self.entries[name]
-        if entry.key != key:
-            if entry.override is not None:
-                log.info("lr of optimizer '%s': the set-lr value %.4g was for %s; from now on %s = %.4g applies",
-                         name, entry.override, entry.key, key, config_value)
-            entry.key, entry.override = key, None
-        entry.config = config_value
-        entry.base = config_value if entry.override is None else entry.override
-        return entry.base
+        return config_value if entry.override is None else entry.override
 
-    def record(self, name: str, lr: float) -> None:
-        """Remember the lr of the step just taken (what ``set-lr`` scales from)."""
-        self.entries[name].lr = lr
+    def record(self, name: str, lr: float, next_key: str, next_config: float, next_factor: float = 1.0) -> None:
+        """After a step: its lr, and what governs the next step (its config key and value, the schedule's
+        factor). A set-lr override applies while the same key governs; it ends when another key takes over
+        (a trainer's next phase), which is logged."""
+        entry = self.entries[name]
+        if entry.override is not None and next_key != entry.key:
+            log.info("lr of optimizer '%s': the set-lr value %.4g was for %s; from now on %s = %.4g applies",
+                     name, entry.override, entry.key, next_key, next_config)
+            entry.override = None
+        entry.key, entry.config, entry.lr, entry.next_factor = next_key, next_config, lr, next_factor
 
     def to_json(self) -> str:
         return json.dumps({name: asdict(e) for name, e in self.entries.items()})
@@ -129,7 +125,8 @@ class LrControl:
     def load(self, text: str, config_values: dict[str, tuple[str, float]]) -> None:
         """Restore saved entries and apply the precedence, one log line per optimizer.
 
-        ``config_values``: optimizer name -> (config key, its value in this start's config).
+        ``config_values``: optimizer name -> (config key governing the resume step, its value in
+        this start's config).
         """
         saved = json.loads(text)
         for name, (key, value) in config_values.items():
@@ -137,6 +134,7 @@ class LrControl:
                 continue
             entry = LrEntry(**saved[name])
             entry.override, why = resolve(name, entry, key, value)
+            entry.key, entry.config = key, value
             log.info("%s", why)
             self.entries[name] = entry
 
@@ -161,10 +159,10 @@ def resolve(name: str, saved: LrEntry, key: str, value: float) -> tuple[float | 
 def set_lr(state: dict[str, Any], lr: float, name: str | None = None) -> tuple[str, LrEntry]:
     """What ``ckpt set-lr`` edits: optimizer ``name``'s lr in a checkpoint's ``state``.
 
-    The optimizer's param groups get ``lr`` now, and its base lr becomes ``lr / factor``
-    (the schedule's current factor), so a schedule continues along the same shape from ``lr``;
-    the base is recorded as a set-lr override, which wins on resume unless the config's value
-    changed (see :class:`LrControl`). Raises ``KeyError`` naming the choices for a bad ``name``.
+    The step after the checkpoint runs at ``lr``, and a schedule goes on along its shape from
+    there: the base lr becomes ``lr / factor`` (the schedule's factor for that step), recorded as a
+    set-lr override, which wins on resume unless the config's value changed (see
+    :class:`LrControl`). Raises ``KeyError`` naming the choices for a bad ``name``.
     """
     entries = json.loads(state["lr_control"])
     if name is None:
@@ -174,9 +172,7 @@ def set_lr(state: dict[str, Any], lr: float, name: str | None = None) -> tuple[s
     if name not in entries:
         raise KeyError(f"no optimizer {name!r} in this checkpoint; it has {', '.join(sorted(entries))}")
     entry = LrEntry(**entries[name])
-    factor = entry.lr / entry.base if entry.base > 0 and entry.lr > 0 else 1.0
-    entry.override = entry.base = lr / factor
-    entry.lr = lr
+    entry.override = lr / entry.next_factor if entry.next_factor > 0 else lr
     for group in state[entry.state_key]["param_groups"]:
         group["lr"] = lr
     entries[name] = asdict(entry)

@@ -125,7 +125,7 @@ class EncoderTrainer:
         self.model = DDP(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         o = cfg.optim
         self.schedule = WarmupCosine(o.warmup_steps, o.min_lr_ratio, self._total())
-        self.lr_control = LrControl({"model": ("optim.lr", "optim")})
+        self.lr_control = LrControl({"model": ("optim.lr", "optim")}, {"model": o.lr})
         self._build_optimizer()
         self._baselines: dict[str, float] | None = None
         # Each rank draws its own masks and dropout from its own stream, restored on resume.
@@ -166,10 +166,11 @@ class EncoderTrainer:
         idx = global_batch_indices(len(self.train_x), d.batch_size, self.cfg.train.seed, step, self.rank, self.world)
         x = self.train_x[idx].to(self.device)
         mask = span_masks(len(idx), d.window, d.mask_span).to(self.device)
-        lr = self.lr_control.base("model", "optim.lr", self.cfg.optim.lr) * self.schedule.factor(step)
+        base = self.lr_control.base("model", self.cfg.optim.lr)
+        lr = base * self.schedule.factor(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.lr_control.record("model", lr)
+        self.lr_control.record("model", lr, "optim.lr", self.cfg.optim.lr, self.schedule.factor(step + 1))
         self.model.train()
         loss = masked_mse(self.model(x, mask), x, mask)
         self.optimizer.zero_grad(set_to_none=True)

@@ -168,7 +168,8 @@ class RecommenderTrainer:
         self.model = Recommender(self.n_items, m.dim, cfg.optim.inner_lr).to(self.device)
         self.scheduler = Scheduler(m.scheduler_hidden).to(self.device)
         self.lr_control = LrControl({"model": (self._model_lr_key(0), "optim"),
-                                     "scheduler": ("optim.scheduler_lr", "task_scheduler_optim")})
+                                     "scheduler": ("optim.scheduler_lr", "task_scheduler_optim")},
+                                    {"model": self._model_lr(0), "scheduler": cfg.optim.scheduler_lr})
         self._build_optimizers()
         self.moving_avg_reward = 0.0
         self._popular: dict[str, float] | None = None
@@ -236,18 +237,20 @@ class RecommenderTrainer:
         self.scheduler_optimizer = torch.optim.Adam(self.scheduler.parameters(), lr=o.scheduler_lr)
 
     def _model_lr_key(self, step: int) -> str:
+        """The config key of the recommender optimizer's lr at ``step``: one per phase."""
         return "optim.meta_update_lr" if step < self.cfg.meta.steps else "optim.finetune_lr"
 
+    def _model_lr(self, step: int) -> float:
+        return getattr(self.cfg.optim, self._model_lr_key(step).split(".")[1])
+
     def _set_lrs(self, step: int) -> float:
-        key = self._model_lr_key(step)
-        lr = self.lr_control.base("model", key, getattr(self.cfg.optim, key.split(".")[1]))
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.lr_control.record("model", lr)
-        slr = self.lr_control.base("scheduler", "optim.scheduler_lr", self.cfg.optim.scheduler_lr)
-        for group in self.scheduler_optimizer.param_groups:
-            group["lr"] = slr
-        self.lr_control.record("scheduler", slr)
+        lr = self.lr_control.base("model", self._model_lr(step))
+        slr = self.lr_control.base("scheduler", self.cfg.optim.scheduler_lr)
+        for optimizer, value in ((self.optimizer, lr), (self.scheduler_optimizer, slr)):
+            for group in optimizer.param_groups:
+                group["lr"] = value
+        self.lr_control.record("model", lr, self._model_lr_key(step + 1), self._model_lr(step + 1))
+        self.lr_control.record("scheduler", slr, "optim.scheduler_lr", self.cfg.optim.scheduler_lr)
         return lr
 
     def _my_tasks(self, step: int) -> list[int]:
@@ -388,9 +391,8 @@ class RecommenderTrainer:
         self.moving_avg_reward = float(state["moving_avg_reward"])
         if self.initializing:
             return  # a new run: its learning rates come from its own config
-        self.lr_control.load(state["lr_control"], {
-            "model": (self._model_lr_key(step), getattr(self.cfg.optim, self._model_lr_key(step).split(".")[1])),
-            "scheduler": ("optim.scheduler_lr", self.cfg.optim.scheduler_lr)})
+        self.lr_control.load(state["lr_control"], {"model": (self._model_lr_key(step), self._model_lr(step)),
+                                                   "scheduler": ("optim.scheduler_lr", self.cfg.optim.scheduler_lr)})
 
     # ------------------------------------------------------------------ packages
 
