@@ -132,6 +132,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         check = files.verify(path, deep=not args.fast)
         info = _info(path)
         notes = [n for n, on in (("best", name == best), ("latest", name == latest)) if on]
+        if info.get("milestone"):
+            notes.append(f"milestone: {info['milestone']}")
         if not check.ok:
             notes.append(check.problems[0] + (f" (+{len(check.problems) - 1} more)" if len(check.problems) > 1 else ""))
         rows.append((name, str(info.get("step", "?")), str(info.get("epoch", "?")), _human(files.dir_size(path)),
