@@ -50,6 +50,7 @@ class EarlyStopping:
         return bool(self.patience) and int(record.get("bad", 0)) >= self.patience
 
     def reason(self, record: dict[str, Any]) -> str:
-        return (f"{self.metric} has not improved by more than {self.min_delta:g} for {record.get('bad')} "
-                f"evaluation(s) (train.early_stop_patience={self.patience}); best {record.get('best'):.6g} at step "
+        by = f" by more than {self.min_delta:g}" if self.min_delta else ""
+        return (f"{self.metric} has not improved{by} for {record.get('bad')} evaluation(s) "
+                f"(train.early_stop_patience={self.patience}); best {record.get('best'):.6g} at step "
                 f"{record.get('best_step')}")
