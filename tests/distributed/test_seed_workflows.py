@@ -117,7 +117,9 @@ def test_recommender_package_recommends_what_evaluation_scored(runs, tmp_path):
 
 # ---------------------------------------------------------------- set-lr, extension
 
-@pytest.mark.parametrize("trainer,expected", [("encoder", 3e-5), ("recommender", 5e-4)])
+# The precedence for both trainers, case by case: tests/unit/test_workflow_rules.py. Here: the tool
+# and a resume through the command line, for the trainer with two optimizers.
+@pytest.mark.parametrize("trainer,expected", [("recommender", 5e-4)])
 def test_set_lr_checkpoint_takes_effect_on_resume_without_flags(runs, trainer, expected, tmp_path):
     run_dir = copy_run(runs, trainer, tmp_path)
     source = run_dir / "checkpoints" / "step_00000024"
@@ -192,7 +194,7 @@ def test_staged_recommender_carries_its_task_set_and_keeps_the_phase_boundary(ru
     assert adam_steps(last) == {5.0}  # weights only: a fresh optimizer
     log = train("recommender", stage2, tmp_path / "again.log", *cmd)  # the same command again: resumes
     assert "not used, this run already has a checkpoint" in log and "Initialised from" not in log
-    # (carrying, rebuilding and a missing task set: tests/unit/test_seed_workflows.py)
+    # (carrying, rebuilding and a missing task set: tests/unit/test_workflow_rules.py)
 
 
 def test_init_from_with_optimizer_continues_its_state_on_a_new_schedule(runs, tmp_path):
