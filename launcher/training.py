@@ -225,17 +225,14 @@ class Job:
             try:
                 found = find.resolve_checkpoint(self.opts.init_from)
                 check = files.verify(found)
-                if not check.ok:
-                    raise CheckpointError(f"--init-from {self.opts.init_from}: {found} does not verify: "
-                                          f"{check.reason()}")
-                outcome[0] = ("ok", str(found))
+                outcome[0] = ("ok", str(found)) if check.ok else ("error", f"{found} does not verify: {check.reason()}")
             except CheckpointError as e:
-                outcome[0] = ("error", f"--init-from: {e}" if not str(e).startswith("--init-from") else str(e))
+                outcome[0] = ("error", str(e))
         if self.ctx.world_size > 1:
             dist.broadcast_object_list(outcome, src=0, group=self.ctx.ckpt_group)
         status, value = outcome[0]
         if status == "error":
-            raise CheckpointError(value)
+            raise CheckpointError(f"--init-from {self.opts.init_from}: {value}")
         return Path(value)
 
     def _initialize(self, source: Path) -> None:
