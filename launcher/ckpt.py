@@ -1,4 +1,4 @@
-"""Checkpoint tools: list, verify, inspect, export, set-lr, prune, diff, plot.
+"""Checkpoint tools: list, verify, inspect, export, package, set-lr, prune, diff, plot.
 
 Usage::
 
@@ -6,7 +6,8 @@ Usage::
     python -m launcher.ckpt verify PATH            # a checkpoint, or every checkpoint of a run
     python -m launcher.ckpt inspect PATH [--json]  # PATH: a checkpoint, or a run (newest verified)
     python -m launcher.ckpt export PATH OUT.pt     # model weights only, for inference
-    python -m launcher.ckpt set-lr PATH LR [--out NEW_CHECKPOINT]
+    python -m launcher.ckpt package PATH OUT_DIR   # weights + config + statistics, for sharing
+    python -m launcher.ckpt set-lr PATH LR [--optimizer NAME] [--out NEW_CHECKPOINT]
     python -m launcher.ckpt prune RUN_DIR --keep-last N [--keep-every K] [--dry-run]
     python -m launcher.ckpt diff A B               # config and metric differences
     python -m launcher.ckpt plot RUN_DIR [--out PNG]  # redraw the loss plot of the whole run
@@ -132,6 +133,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         check = files.verify(path, deep=not args.fast)
         info = _info(path)
         notes = [n for n, on in (("best", name == best), ("latest", name == latest)) if on]
+        if info.get("milestone"):
+            notes.append(f"milestone: {info['milestone']}")
         if not check.ok:
             notes.append(check.problems[0] + (f" (+{len(check.problems) - 1} more)" if len(check.problems) > 1 else ""))
         rows.append((name, str(info.get("step", "?")), str(epochs.of_info(info)), _human(files.dir_size(path)),
@@ -210,6 +213,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print(f"{key:<11} {_fmt(shown[key])}")
     for key, value in sorted((info.get("metrics") or {}).items()):
         print(f"{key:<11} {_fmt(value)}")
+    last = info.get("last_eval")
+    if isinstance(last, dict) and not info.get("metrics"):
+        shown = "  ".join(f"{k} {_fmt(v)}" for k, v in last.items() if k != "step")
+        print(f"last eval   step {last.get('step')}: {shown}")
+    for key in ("milestone", "init_from"):
+        if info.get(key):
+            print(f"{key:<11} {info[key]}")
     history = info.get("history") or []
     if history:
         print("recent epochs:")
@@ -239,8 +249,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     out: Path = args.out
     if out.suffix not in (".pt", ".pth"):
         raise ToolError(f"{out}: export writes a .pt file (torch.save of the model's state dict, "
-                        f"loadable with torch.load(..., weights_only=True)); .safetensors is not "
-                        f"supported because the safetensors package is not a dependency")
+                        f"loadable with torch.load(..., weights_only=True)); for model.safetensors with the "
+                        f"config, metrics and normalisation statistics use: package PATH OUT_DIR")
     if out.exists() and not args.force:
         raise ToolError(f"{out} already exists; pass --force to overwrite it")
     path = _checkpoint(args.path)
@@ -266,31 +276,59 @@ def _load(path: Path, keys: list[str] | None = None) -> dict[str, Any]:
         raise ToolError(str(e), EXIT_BAD_CHECKPOINT) from None
 
 
+# ---------------------------------------------------------------------------- package
+
+@command("package", "weights (safetensors), config and statistics in one directory, for sharing (load_package)",
+         arg("path", type=Path, help="a checkpoint directory, or a run directory (its newest verified checkpoint)"),
+         arg("out", type=Path, help="output directory: model.safetensors, config.yaml, package.json"),
+         arg("--force", action="store_true", help="replace OUT if it exists (only once the new package is complete)"))
+def cmd_package(args: argparse.Namespace) -> int:
+    from launcher.package import PackageError, write_package
+    path = _checkpoint(args.path)
+    try:
+        meta = write_package(path, args.out, force=args.force)
+    except PackageError as e:
+        raise ToolError(str(e)) from None
+    except (CheckpointError, ValueError) as e:
+        raise ToolError(str(e), EXIT_BAD_CHECKPOINT) from None
+    metrics = " ".join(f"{k} {_fmt(v)}" for k, v in sorted((meta.get("metrics") or {}).items()))
+    print(f"wrote {args.out}: {meta['trainer']} at step {meta['step']} (epoch {meta['epoch']}) from {path}"
+          + (f"; {metrics}" if metrics else ""))
+    print(f"use it: from launcher.package import load_package; pkg = load_package({str(args.out)!r})")
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------------------- set-lr
 
-@command("set-lr", "write a new checkpoint whose optimizer learning rate is LR",
+@command("set-lr", "write a new checkpoint whose learning rate is LR; it takes effect when a run resumes from it",
          arg("path", type=Path, help="a checkpoint directory, or a run directory (its newest verified checkpoint)"),
-         arg("lr", type=float, help="the learning rate to set in every optimizer parameter group"),
+         arg("lr", type=float, help="the learning rate from the checkpoint's step on"),
+         arg("--optimizer", default=None, metavar="NAME",
+             help="which optimizer (the recommender has 'model' and 'scheduler'); needed when there are several"),
          arg("--out", type=Path, default=None,
              help="new checkpoint directory (default: next to PATH, named <name>-lr<LR>)"))
 def cmd_set_lr(args: argparse.Namespace) -> int:
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise ToolError(f"LR must be a finite number > 0, got {args.lr}")
     path = _checkpoint(args.path)
-    out = args.out or path.parent / f"{path.name}-lr{args.lr:g}"
+    suffix = f"-{args.optimizer}" if args.optimizer else ""
+    out = args.out or path.parent / f"{path.name}{suffix}-lr{args.lr:g}"
     if out.exists():
         raise ToolError(f"{out} already exists; choose another --out")
     state = _load(path)
-    groups = (state.get("optim") or {}).get("param_groups")
-    if not isinstance(groups, list) or not groups:
-        raise ToolError(f"{path}: no optimizer param_groups in this checkpoint (saved with --reset-optimizer "
-                        f"or weights only?)", EXIT_BAD_CHECKPOINT)
-    base = set_lr(state, args.lr)
+    if "lr_control" in state:
+        from trainers.lr import set_lr
+        try:
+            name, entry = set_lr(state, args.lr, args.optimizer)
+        except KeyError as e:
+            raise ToolError(str(e.args[0])) from None
+        what = f"optimizer '{name}' lr {args.lr:g} from step {files.read_info(path).get('step')} on" + (
+            f" (schedule base {entry.override:.4g}, replacing {entry.key} = {entry.config:g})"
+            if entry.next_factor != 1 else f" (replacing {entry.key} = {entry.config:g})")
+    else:
+        what = _set_lr_plain(state, path, args)
     info = files.read_info(path)
-    old_lr = info.get("config", {}).get("optim", {}).get("lr")
-    if isinstance(info.get("config", {}).get("optim"), dict) and base is not None:
-        info["config"]["optim"]["lr"] = base
-    info.update(derived_from=str(path), change=f"set-lr {args.lr:g}")
+    info.update(derived_from=str(path), change=f"set-lr {what}")
     lock = _locked(out.parent.parent) if out.parent.name == "checkpoints" else None
     try:
         _offline().write_checkpoint(out, state, info)
@@ -299,47 +337,52 @@ def cmd_set_lr(args: argparse.Namespace) -> int:
     finally:
         if lock is not None:
             lock.release()
-    print(f"wrote {out}: optimizer lr {args.lr:g}"
-          + (f" (schedule base lr {base:g}, was {_fmt(old_lr)})" if base else ""))
-    print(f"resume with: --resume {out}" + (f" --set optim.lr={base:g}" if base else ""))
-    if base is not None:
-        print("note: trainers that re-apply the config's optim.lr on resume (the encoder trainer does) "
-              "use --set optim.lr; without it the run config's value wins.")
+    print(f"wrote {out}: {what}")
+    print(f"resume with: --resume {out}")
+    if "lr_control" in state:
+        print("it wins on resume unless the run's config changes that lr (then the config wins; the log says which)")
     return EXIT_OK
 
 
-def set_lr(state: dict[str, Any], lr: float) -> float | None:
-    """Set every parameter group's lr to ``lr``, keeping an lr schedule consistent.
+def _set_lr_plain(state: dict[str, Any], path: Path, args: argparse.Namespace) -> str:
+    """set-lr for a checkpoint without ``lr_control`` (a trainer of your own): every group of ``optim``.
 
-    The scheduler's ``base_lrs`` (the schedule's peak) are scaled so that the schedule's
-    current factor times the new base is ``lr``, and training continues along the same
-    curve shape from the new value. Returns that new base lr (None without a scheduler).
+    A torch lr scheduler's state beside it (``lr_scheduler`` with ``base_lrs``/``_last_lr``) is
+    scaled so that the schedule continues along the same shape from ``LR``.
     """
-    groups = state["optim"]["param_groups"]
+    if args.optimizer:
+        raise ToolError(f"{path}: this trainer does not name its optimizers (no lr_control, see trainers/lr.py); "
+                        f"drop --optimizer to set every group of its 'optim' entry")
+    groups = (state.get("optim") or {}).get("param_groups")
+    if not isinstance(groups, list) or not groups:
+        raise ToolError(f"{path}: no optimizer param_groups in this checkpoint (saved with --reset-optimizer "
+                        f"or weights only?)", EXIT_BAD_CHECKPOINT)
     sched = state.get("lr_scheduler")
     base = None
     if isinstance(sched, dict) and isinstance(sched.get("base_lrs"), list) and isinstance(sched.get("_last_lr"), list):
         old_base, old_last = sched["base_lrs"][0], sched["_last_lr"][0]
         factor = old_last / old_base if old_base else 0.0
-        base = lr / factor if factor > 0 else lr
+        base = args.lr / factor if factor > 0 else args.lr
         sched["base_lrs"] = [base for _ in sched["base_lrs"]]
-        sched["_last_lr"] = [lr for _ in sched["_last_lr"]]
+        sched["_last_lr"] = [args.lr for _ in sched["_last_lr"]]
     for group in groups:
-        group["lr"] = lr
+        group["lr"] = args.lr
         if "initial_lr" in group and base is not None:
             group["initial_lr"] = base
-    return base
+    return (f"lr {args.lr:g} in every group of 'optim'" + (f" (schedule base lr {base:g})" if base else "")
+            + "; whether it survives a resume depends on the trainer's load_state_dict (it may re-apply the "
+              "config's lr)")
 
 
 # ---------------------------------------------------------------------------- prune
 
-@command("prune", "delete old checkpoints, keeping the newest N verified ones and the best",
+@command("prune", "delete old checkpoints, keeping the newest N verified ones, the best and milestones",
          arg("run_dir", type=Path, help="run directory (or its checkpoints/ directory)"),
          arg("--keep-last", type=int, required=True, help="checkpoints to keep, counting from the newest verified one"),
          arg("--keep-every", type=int, default=0, help="also keep steps that are multiples of this"),
          arg("--dry-run", action="store_true", help="only print what would be deleted"))
 def cmd_prune(args: argparse.Namespace) -> int:
-    from launcher.checkpoint.retention import select_deletions
+    from launcher.checkpoint.retention import milestones, select_deletions
     if args.keep_last < 1 or args.keep_every < 0:
         raise ToolError(f"--keep-last must be >= 1 and --keep-every >= 0, got {args.keep_last} and {args.keep_every}")
     root = _root(args.run_dir)
@@ -350,7 +393,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
             raise ToolError(f"{root}: no checkpoint verifies; refusing to delete anything", EXIT_BAD_CHECKPOINT)
         m, _ = meta.read_meta(root)
         best = ((m or {}).get("best") or {}).get("name") if isinstance((m or {}).get("best"), dict) else None
-        doomed = [n for n in select_deletions(meta.scan(root), newest.name, args.keep_last, args.keep_every, best)
+        present = meta.scan(root)
+        doomed = [n for n in select_deletions(present, newest.name, args.keep_last, args.keep_every, best,
+                                              keep=milestones(root, present))
                   if not (root / n).is_symlink()]
         if not doomed:
             print(f"nothing to delete (newest verified: {newest.name})")

@@ -38,6 +38,8 @@ class TrainConfig:
     seed: int = 0  # seeds data order, model init and every rank's RNG
     log_interval: int = 10  # progress line every N steps when output is not a terminal
     eval_every_epoch: bool = True  # run the trainer's evaluation at each epoch end
+    early_stop_patience: int = 0  # stop when the best metric has not improved for this many evaluations (0 = off)
+    early_stop_min_delta: float = 0.0  # smallest change of the best metric that counts as an improvement
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """Optimizer steps of the whole run: ``epochs`` epochs if set, else ``max_steps``."""
@@ -49,6 +51,22 @@ class TrainConfig:
         check(self.epochs >= 0, "epochs", self.epochs, "an integer >= 0")
         check(self.seed >= 0, "seed", self.seed, "an integer >= 0")
         check(self.log_interval >= 1, "log_interval", self.log_interval, "an integer >= 1")
+        check(self.early_stop_patience >= 0, "early_stop_patience", self.early_stop_patience, "an integer >= 0")
+        check(self.early_stop_min_delta >= 0, "early_stop_min_delta", self.early_stop_min_delta, "a number >= 0")
+        check(not (self.early_stop_patience and not self.eval_every_epoch), "early_stop_patience",
+              self.early_stop_patience, "0 when train.eval_every_epoch is false (it counts evaluations)")
+        check.done()
+
+
+@dataclass
+class DistConfig:
+    """The process groups (see docs/troubleshooting.md, "Time-outs")."""
+
+    timeout_s: float = 300.0  # seconds a collective or the rendezvous store may wait for other ranks before failing
+
+    def __post_init__(self) -> None:
+        check = Checks("dist")
+        check(self.timeout_s > 0, "timeout_s", self.timeout_s, "a number of seconds > 0")
         check.done()
 
 
@@ -87,6 +105,7 @@ class RunConfig:
     trainer: str  # "encoder", "recommender", or "package.module:ClassName"
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     sections: dict[str, Any] = field(default_factory=dict)  # the trainer's: data, model, optim, ...
 
     def __getattr__(self, name: str) -> Any:
@@ -101,6 +120,7 @@ class RunConfig:
         out: dict[str, Any] = {"trainer": self.trainer, "train": dataclasses.asdict(self.train),
                                "checkpoint": dataclasses.asdict(self.checkpoint)}
         out["checkpoint"]["async"] = out["checkpoint"].pop("async_save")
+        out["dist"] = dataclasses.asdict(self.dist)
         out.update({k: dataclasses.asdict(v) for k, v in self.sections.items()})
         return out
 
@@ -272,7 +292,7 @@ def build_run_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
         except ValueError as e:
             problems.append(str(e))
     sections: dict[str, Any] = {
-        "train": TrainConfig, "checkpoint": CheckpointConfig,
+        "train": TrainConfig, "checkpoint": CheckpointConfig, "dist": DistConfig,
     }
     if trainer_cls is not None:
         sections.update(trainer_cls.config_sections)
@@ -284,7 +304,8 @@ def build_run_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
         built[key] = build_section(cls, raw.get(key), key, problems)
     if problems:
         raise ConfigError(problems, source=source)
-    return RunConfig(trainer=name, train=built.pop("train"), checkpoint=built.pop("checkpoint"), sections=built)
+    return RunConfig(trainer=name, train=built.pop("train"), checkpoint=built.pop("checkpoint"),
+                     dist=built.pop("dist"), sections=built)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None,

@@ -49,6 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoints exist; best: the best checkpoint; PATH: that checkpoint directory")
     p.add_argument("--reset-optimizer", action="store_true",
                    help="load weights only; fresh optimizer and lr schedule (e.g. after fixing a wrong lr)")
+    p.add_argument("--restart-schedule", action="store_true",
+                   help="on resume, keep the optimizer state but start the lr schedule again (warmup, then decay "
+                        "to train.max_steps); without it an extended run's lr goes on smoothly")
+    p.add_argument("--init-from", type=Path, default=None, metavar="PATH",
+                   help="staged training: start this new run from another run's checkpoint (or its newest one) "
+                        "with this config; weights only unless --init-optimizer. Ignored once the run has "
+                        "checkpoints of its own, so rerunning the same command resumes")
+    p.add_argument("--init-optimizer", action="store_true",
+                   help="with --init-from: also take the optimizer state (the lr schedule starts anew)")
     p.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="console log level (default: INFO on rank 0, WARNING on other ranks)")
     return p
@@ -79,7 +88,12 @@ def _main(argv: list[str] | None, interrupt: InterruptFlag) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return exit_codes.CONFIG_ERROR
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.init_optimizer and args.init_from is None:
+        parser.error("--init-optimizer needs --init-from PATH")
+    if args.init_from is not None and args.resume not in ("auto", "none"):
+        parser.error(f"--init-from starts a new run; it cannot be combined with --resume {args.resume}")
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
@@ -88,9 +102,10 @@ def _main(argv: list[str] | None, interrupt: InterruptFlag) -> int:
     from launcher.training import RunOptions, run  # late: torch import only once the config is good
     from trainers.common import DataError
     try:
-        return run(cfg, RunOptions(run_dir=args.run_dir, resume=args.resume,
-                                   reset_optimizer=args.reset_optimizer, log_level=args.log_level), preempt,
-                   interrupt)
+        return run(cfg, RunOptions(run_dir=args.run_dir, resume=args.resume, reset_optimizer=args.reset_optimizer,
+                                   log_level=args.log_level, init_from=args.init_from,
+                                   init_optimizer=args.init_optimizer, restart_schedule=args.restart_schedule),
+                   preempt, interrupt)
     except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return exit_codes.CONFIG_ERROR

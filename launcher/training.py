@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import time
@@ -18,9 +19,10 @@ from filelock import FileLock, Timeout
 from launcher import dist as ldist
 from launcher import endings, epochs, events, exit_codes, finished, logs, observers, rng
 from launcher import env as cluster_env
-from launcher.checkpoint import files
+from launcher.checkpoint import files, find
 from launcher.checkpoint.manager import CheckpointError, CheckpointManager
 from launcher.config import RunConfig, diff_configs, flatten
+from launcher.early_stop import EarlyStopping
 from launcher.heartbeat import Heartbeat
 from launcher.metrics import MetricsLog
 from launcher.observe import Observer
@@ -40,6 +42,8 @@ class Progress:
     epoch_loss_count: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)  # one record per finished epoch
     resumed_at: list[int] = field(default_factory=list)  # steps at which the run resumed
+    early_stop: dict[str, Any] = field(default_factory=dict)  # best value, its step, evaluations since
+    init_from: str | None = None  # the checkpoint --init-from started this run from
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -57,6 +61,9 @@ class RunOptions:
     resume: str = "auto"
     reset_optimizer: bool = False
     log_level: str | None = None
+    init_from: Path | None = None  # start a new run from another run's checkpoint (weights)
+    init_optimizer: bool = False  # with init_from: also its optimizer state
+    restart_schedule: bool = False  # on resume: keep the optimizer state, start the lr schedule again
 
 
 def run(cfg: RunConfig, opts: RunOptions, preempt: PreemptionFlag | None = None,
@@ -70,7 +77,7 @@ def run(cfg: RunConfig, opts: RunOptions, preempt: PreemptionFlag | None = None,
     logs.setup(env.rank, opts.log_level)  # the rank's log file is added once there is work to do
     job: Job | None = None
     try:
-        ctx = ldist.init(env)
+        ctx = ldist.init(env, timeout_s=cfg.dist.timeout_s)
         opts.run_dir.mkdir(parents=True, exist_ok=True)
         job = Job(cfg, opts, ctx, observer=observers.for_rank(ctx.is_main, cfg.train.log_interval),
                   preempt=preempt)
@@ -108,6 +115,8 @@ class Job:
         self.preempt = preempt or PreemptionFlag()
         self.progress = Progress()
         self.started = False  # training began: the start is recorded and the loop runs
+        self.early_stop = EarlyStopping(self.manager.best_metric, self.manager.best_mode,
+                                        cfg.train.early_stop_patience, cfg.train.early_stop_min_delta)
         self._lock: FileLock | None = None
 
     @property
@@ -131,14 +140,21 @@ class Job:
             self._start_logs()
             if info:
                 self._check_config(info)
+            init = self._init_source() if path is None else None
+            if path and self.opts.init_from:
+                log.info("--init-from %s: not used, this run already has a checkpoint to resume from",
+                         self.opts.init_from)
             # Every generator of every rank starts from the seed, so a fresh attempt and a resumed
             # one draw the same numbers (python's and numpy's are otherwise seeded from the OS).
             rng.seed_everything(self.cfg.train.seed * 1000 + self.ctx.rank)
             self.trainer = self.trainer_cls()
             self.trainer.setup(TrainContext(config=self.cfg, rank=self.ctx.rank, world_size=self.ctx.world_size,
-                                            device=self.ctx.device, run_dir=self.run_dir, fresh=path is None))
+                                            device=self.ctx.device, run_dir=self.run_dir, fresh=path is None,
+                                            source=path or init))
             if path:
                 self._resume(path, info)
+            elif init:
+                self._initialize(init)
             else:
                 log.info("Starting fresh in %s (no checkpoint found)", self.run_dir)
                 # Metrics of an attempt that died before its first checkpoint are not part of this run.
@@ -162,8 +178,8 @@ class Job:
 
     def _start_logs(self) -> None:
         logs.attach_file(self.ctx.rank, self.run_dir, self.opts.log_level)
-        log.info("Process group: backend %s, world size %d, device %s (%s launch)", self.ctx.backend,
-                 self.ctx.world_size, self.ctx.device, self.ctx.env.kind)
+        log.info("Process group: backend %s, world size %d, device %s (%s launch), collective timeout %g s",
+                 self.ctx.backend, self.ctx.world_size, self.ctx.device, self.ctx.env.kind, self.cfg.dist.timeout_s)
 
     def _lock_run_dir(self) -> None:
         """Refuse a second live job on this run directory (the lock dies with its holder)."""
@@ -208,7 +224,7 @@ class Job:
         log.info("Resuming from checkpoint: %s", path)
         state = self.manager.load(path, template)
         step = int(info["step"])
-        self.trainer.load_state_dict(state, weights_only=weights_only, step=step)
+        self._load_trainer(state, weights_only, step, self.opts.restart_schedule and not weights_only)
         self.progress = Progress.from_json(state["progress"])
         if has_rng:
             rng.restore(state["rng"][own_rng])
@@ -223,6 +239,56 @@ class Job:
                  f"; dropped {dropped} metrics record(s) logged after it" if dropped else "", self.total_steps)
         if weights_only:
             log.info("--reset-optimizer: weights loaded; optimizer and lr schedule start fresh at step %d", step)
+
+    def _load_trainer(self, state: dict[str, Any], weights_only: bool, step: int, restart_schedule: bool) -> None:
+        kwargs = {}
+        if restart_schedule:
+            if "restart_schedule" not in inspect.signature(self.trainer.load_state_dict).parameters:
+                raise CheckpointError(f"trainer {self.cfg.trainer} cannot restart its lr schedule while keeping its "
+                                      f"optimizer state (its load_state_dict has no restart_schedule argument); "
+                                      f"use --reset-optimizer to start optimizer and schedule afresh")
+            kwargs["restart_schedule"] = True
+        self.trainer.load_state_dict(state, weights_only=weights_only, step=step, **kwargs)
+
+    # ------------------------------------------------------------------ staged training
+
+    def _init_source(self) -> Path | None:
+        """The verified checkpoint ``--init-from`` names (a checkpoint, or a run's newest), the same on every rank."""
+        if self.opts.init_from is None:
+            return None
+        outcome: list[Any] = [None]
+        if self.ctx.is_main:
+            try:
+                found = find.resolve_checkpoint(self.opts.init_from)
+                check = files.verify(found)
+                outcome[0] = ("ok", str(found)) if check.ok else ("error", f"{found} does not verify: {check.reason()}")
+            except CheckpointError as e:
+                outcome[0] = ("error", str(e))
+        if self.ctx.world_size > 1:
+            dist.broadcast_object_list(outcome, src=0, group=self.ctx.ckpt_group)
+        status, value = outcome[0]
+        if status == "error":
+            raise CheckpointError(f"--init-from {self.opts.init_from}: {value}")
+        return Path(value)
+
+    def _initialize(self, source: Path) -> None:
+        """``--init-from``: this new run starts at step 0 from another run's weights (and optimizer state)."""
+        with_optimizer = self.opts.init_optimizer
+        template = self.trainer.state_dict(weights_only=not with_optimizer)
+        self._check_shapes(source, template)
+        state = self.manager.load(source, template)
+        self._load_trainer(state, not with_optimizer, 0, with_optimizer)
+        self.progress.init_from = str(source)
+        info = files.read_info(source)
+        log.info("Initialised from %s (step %s of %s): %s; this run starts at step 0 with its own config, lr "
+                 "schedule and data order", source, info.get("step"), source.parent.parent,
+                 "weights and optimizer state" if with_optimizer else "weights, fresh optimizer")
+        for k, (a, b) in diff_configs(info.get("config", {}), self.cfg.to_dict()).items():
+            log.info("  differs from the source run: %s: %r -> %r", k, a, b)
+        self.metrics.truncate_after(0)
+        if self.ctx.is_main:
+            events.append(self.run_dir, "init_from", checkpoint=str(source), step=info.get("step"),
+                          optimizer=with_optimizer)
 
     def _check_shapes(self, path: Path, template: dict[str, Any]) -> None:
         saved = CheckpointManager.saved_shapes(path)
@@ -272,6 +338,9 @@ class Job:
         spe = self.trainer.steps_per_epoch()
         p = self.progress
         started = time.time()
+        milestones = self.trainer.milestones() if hasattr(self.trainer, "milestones") else {}
+        if self.early_stop.stopped(p.early_stop):
+            return self._already_stopped(started)
         self.observer.on_start(self.run_dir, p.step, self.total_steps, resumed=bool(p.resumed_at))
         while p.step < self.total_steps:
             self.heartbeat.report(p.step, "training")
@@ -290,10 +359,16 @@ class Job:
                 log.info("step %d/%d epoch %d loss %.5f lr %.3g", p.step, self.total_steps,
                          record["epoch"], out["loss"], out.get("lr", float("nan")))
             evals = self._end_epoch(p.step // spe) if epoch_end else {}
-            final = p.step >= self.total_steps
-            reason = "preemption" if preempted else self.manager.due(p.step, epoch_end, final, wants_save)
+            if evals:
+                self.early_stop.observe(p.early_stop, evals, p.step)
+            stopping = self.early_stop.stopped(p.early_stop)
+            final = p.step >= self.total_steps or stopping
+            reason = "preemption" if preempted else "early stop" if stopping else \
+                self.manager.due(p.step, epoch_end, final, wants_save, milestone=p.step in milestones)
             if reason:
-                self._save(reason, out, evals, blocking=preempted or final)
+                self._save(reason, out, evals, blocking=preempted or final, milestone=milestones.get(p.step))
+            if stopping:
+                break
             if preempted:
                 log.warning("Preempted (%s): checkpoint at step %d written; exiting with code %d",
                             self.preempt.name or "another rank's signal", p.step, exit_codes.PREEMPTED)
@@ -304,9 +379,24 @@ class Job:
                 self.observer.on_end(self._summary("preempted", started))
                 return exit_codes.PREEMPTED
         self.manager.wait()
+        if self.early_stop.stopped(p.early_stop):
+            log.info("Stopped early at step %d of %d: %s", p.step, self.total_steps,
+                     self.early_stop.reason(p.early_stop))
+            self._record_end("stopped early")
+            self.observer.on_end(self._summary("stopped early", started))
+            return exit_codes.OK
         log.info("Training finished: %d steps in %.1f s this attempt", p.step, time.time() - started)
         self._record_end("finished")
         self.observer.on_end(self._summary("finished", started))
+        return exit_codes.OK
+
+    def _already_stopped(self, started: float) -> int:
+        """A rerun of a run that stopped early: say so instead of training on."""
+        self.observer.on_start(self.run_dir, self.progress.step, self.total_steps, resumed=True)
+        log.info("This run stopped early at step %d of %d: %s. Nothing to train; to go on, raise "
+                 "train.early_stop_patience (or set it to 0)", self.progress.step, self.total_steps,
+                 self.early_stop.reason(self.progress.early_stop))
+        self.observer.on_end(self._summary("stopped early", started))
         return exit_codes.OK
 
     def _summary(self, status: str, started: float) -> dict[str, Any]:
@@ -344,7 +434,8 @@ class Job:
         log.info("epoch %d done at step %d: train_loss %.5f %s", epoch, p.step, train_loss, shown)
         return evals
 
-    def _save(self, reason: str, out: dict[str, float], evals: dict[str, float], blocking: bool) -> None:
+    def _save(self, reason: str, out: dict[str, float], evals: dict[str, float], blocking: bool,
+              milestone: str | None = None) -> None:
         p = self.progress
         self.heartbeat.report(p.step, "saving")
         spe = self.trainer.steps_per_epoch()
@@ -352,7 +443,13 @@ class Job:
                  "rng": {f"rank{self.ctx.rank}": rng.capture()}}
         info = {"step": p.step, "epoch": epochs.of_step(p.step, spe), "steps_per_epoch": spe, "loss": out["loss"],
                 "metrics": evals, "config": self.cfg.to_dict(), "trainer": self.cfg.trainer,
-                "reason": reason, "time": time.time(), "history": p.history[-5:]}
+                "reason": reason, "time": time.time(), "history": p.history[-5:],
+                # The latest evaluation, so that a checkpoint between two evaluations says how good it is.
+                "last_eval": p.history[-1] if p.history else None}
+        if milestone:
+            info["milestone"] = milestone  # kept by retention
+        if p.init_from:
+            info["init_from"] = p.init_from
         self.manager.save(p.step, state, info, blocking=blocking)
         self.observer.on_save(p.step, reason, self.manager.last_save_seconds)
         log.info("Checkpoint step_%08d (%s) %s in %.2f s", p.step, reason,

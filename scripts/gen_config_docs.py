@@ -147,6 +147,7 @@ def render() -> str:
         "",
         *section_table("train", cfg_mod.TrainConfig),
         *section_table("checkpoint", cfg_mod.CheckpointConfig),
+        *section_table("dist", cfg_mod.DistConfig),
     ]
     trainers = [(name, f"built-in trainer `{name}`") for name in BUILTIN] + EXAMPLES
     for name, what in trainers:

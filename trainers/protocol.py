@@ -14,6 +14,18 @@ Loop contract (what the launcher guarantees):
   run sees exactly the samples an uninterrupted run would.
 * ``evaluate()`` is called on every rank at each epoch end (every ``steps_per_epoch()`` steps).
 * ``state_dict()`` / ``load_state_dict()`` are called on every rank around checkpoints.
+
+Optional, each used when present:
+
+* ``milestones() -> {step: label}``: steps whose checkpoint is always written and kept by retention
+  (e.g. the end of a training phase).
+* ``load_state_dict(..., restart_schedule=True)``: keep the optimizer state but start the lr
+  schedule again at ``step`` (``--restart-schedule``, ``--init-from --init-optimizer``).
+* ``package_keys``, ``package_meta()`` and ``from_package()``: what ``python -m launcher.ckpt package``
+  writes and how :func:`launcher.package.load_package` runs it (see ``trainers/encoder/trainer.py``).
+* ``trainers/lr.py``: a schedule that stays continuous when a run is extended, and the precedence
+  between the config and a ``ckpt set-lr`` edit; ``set-lr`` works on every optimizer a trainer
+  registers there.
 """
 
 from __future__ import annotations
@@ -34,7 +46,10 @@ class TrainContext:
     world_size: int
     device: torch.device
     run_dir: Path
-    fresh: bool  # True when no checkpoint will be loaded (task sets etc. are created, not reloaded)
+    fresh: bool  # True when the run starts at step 0 (nothing of this run is resumed; task sets etc. are created)
+    #: The checkpoint whose state will be loaded: this run's own, another run's (``--resume PATH``),
+    #: or, with ``fresh``, the one ``--init-from`` starts a new run from. None when nothing is loaded.
+    source: Path | None = None
 
 
 @runtime_checkable
@@ -70,6 +85,8 @@ class Trainer(Protocol):
         """Restore from ``state`` saved after ``step`` steps.
 
         Re-apply settings the config may have changed (e.g. lr). With ``weights_only``
-        (``--reset-optimizer``) only ``"model"`` is present: build a fresh optimizer and
-        start the lr schedule again at ``step``.
+        (``--reset-optimizer``, ``--init-from`` without ``--init-optimizer``) only the
+        ``weights_only`` entries are present: build a fresh optimizer and start the lr schedule
+        again at ``step``. When the context's ``source`` is set and ``fresh`` is True, ``state``
+        is another run's (``--init-from``) and this run starts at step 0 with its own config.
         """

@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from launcher.checkpoint import faults, files, meta
 from launcher.checkpoint.files import CheckpointError
-from launcher.checkpoint.retention import select_deletions
+from launcher.checkpoint.retention import milestones, select_deletions
 from launcher.checkpoint.staging import Stager, assign_owners, tensor_signatures
 from launcher.config import CheckpointConfig
 
@@ -233,14 +233,17 @@ class CheckpointManager:
         timed = self.cfg.interval_seconds > 0 and self.clock() - self._last_save_time >= self.cfg.interval_seconds
         return self._requested or timed
 
-    def due(self, step: int, epoch_end: bool, final: bool, any_rank_wants: bool) -> str | None:
-        """Why a checkpoint is due after ``step`` completed steps, or None."""
+    def due(self, step: int, epoch_end: bool, final: bool, any_rank_wants: bool,
+            milestone: bool = False) -> str | None:
+        """Why a checkpoint is due after ``step`` completed steps, or None (``milestone``: the trainer's)."""
         if step == self._last_saved_step:
             return None
         if final:
             return "end of training"
         if any_rank_wants:
             return "requested"
+        if milestone:
+            return "milestone"
         if epoch_end and self.cfg.every_epoch:
             return "end of epoch"
         if self.cfg.interval_steps and step % self.cfg.interval_steps == 0:
@@ -396,8 +399,9 @@ class CheckpointManager:
         """Point meta.json at ``name`` (already verified and in place), then apply retention."""
         old, _ = meta.read_meta(self.root)
         best = self._best(old, name, info)
-        doomed = select_deletions(self.existing(), name, self.cfg.keep_last, self.cfg.keep_every,
-                                  (best or {}).get("name"))
+        present = self.existing()
+        doomed = select_deletions(present, name, self.cfg.keep_last, self.cfg.keep_every,
+                                  (best or {}).get("name"), keep=milestones(self.root, present))
         earlier = (old or {}).get("verified", [])
         earlier = earlier if isinstance(earlier, list) else []
         verified = [n for n in [name, *earlier] if isinstance(n, str) and n not in doomed and _is_entry(self.root, n)]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ckpt_testing import ckpt, make_run, make_state, shard
+from ckpt_testing import ckpt, make_info, make_run, make_state, manager, shard
 
 from launcher import ckpt as tool
 from launcher.checkpoint import faults, files, meta
@@ -94,7 +94,7 @@ def test_set_lr_writes_a_new_verified_checkpoint(run, capsys):
     assert code == 0, err
     new = run / "checkpoints" / "step_00000040-lr0.005"
     assert files.verify(new).ok
-    assert "--set optim.lr=0.05" in out  # schedule factor 0.01 / 0.1: base 0.005 / 0.1
+    assert "schedule base lr 0.05" in out  # schedule factor 0.01 / 0.1: base 0.005 / 0.1
     from helpers import checkpoint_tensors, flatten
     a, b = checkpoint_tensors(ckpt(run, 40)), checkpoint_tensors(new)
     assert b["optim"]["param_groups"][0]["lr"] == 0.005
@@ -103,7 +103,8 @@ def test_set_lr_writes_a_new_verified_checkpoint(run, capsys):
     tensors = [k for k, v in fa.items() if isinstance(v, torch.Tensor)]
     assert tensors and all(torch.equal(fa[k], fb[k]) for k in tensors)
     assert {p.name: p.read_bytes() for p in ckpt(run, 40).iterdir()} == before  # source untouched
-    assert json.loads((new / files.INFO).read_text())["config"]["optim"]["lr"] == pytest.approx(0.05)
+    info = json.loads((new / files.INFO).read_text())
+    assert info["config"]["optim"]["lr"] == 0.1 and "set-lr" in info["change"]  # the config it was trained with
     assert meta.step_of(new.name) is None  # never picked by --resume auto nor by retention
     assert call(capsys, "set-lr", ckpt(run, 40), "0.005")[0] == 2  # exists already
     assert call(capsys, "set-lr", ckpt(run, 40), "-1")[0] == 2
@@ -137,9 +138,11 @@ def test_prune_refuses_a_run_a_live_job_holds(run, capsys):
         holder.wait(timeout=10)
 
 
-def test_diff_shows_config_and_metric_differences(run, capsys):
-    call(capsys, "set-lr", ckpt(run, 20), "0.001")
-    code, out, _ = call(capsys, "diff", ckpt(run, 20), run / "checkpoints" / "step_00000020-lr0.001")
+def test_diff_shows_config_and_metric_differences(run, tmp_path, capsys):
+    other = manager(tmp_path / "other")
+    other.save(20, make_state(20), make_info(20, 0.2, lr=0.01))
+    other.close()
+    code, out, _ = call(capsys, "diff", ckpt(run, 20), ckpt(tmp_path / "other", 20))
     assert code == 0 and "optim.lr: 0.1 -> 0.01" in out
     code, out, _ = call(capsys, "diff", ckpt(run, 20), ckpt(run, 30))
     assert code == 0 and "config: identical" in out

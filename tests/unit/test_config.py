@@ -58,4 +58,4 @@ def test_saved_config_round_trips_and_diffs():
     d = cfg.to_dict()
     assert d["checkpoint"]["async"] is False and "async_save" not in d["checkpoint"]
     other = load_config(config_path("recommender"), ["model.dim=32", "optim.finetune_lr=0.1"]).to_dict()
-    assert diff_configs(d, other) == {"model.dim": (16, 32), "optim.finetune_lr": (0.005, 0.1)}
+    assert diff_configs(d, other) == {"model.dim": (16, 32), "optim.finetune_lr": (0.01, 0.1)}

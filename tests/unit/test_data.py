@@ -3,7 +3,16 @@ import pytest
 
 from trainers.common import DataError, global_batch_indices
 from trainers.encoder.data import load_series, synthetic_series
-from trainers.recommender.data import build_tasks, load_interactions, load_tasks, save_tasks, synthetic_interactions
+from trainers.recommender.data import (
+    TEST,
+    TRAIN,
+    VAL,
+    build_tasks,
+    load_interactions,
+    load_tasks,
+    save_tasks,
+    synthetic_interactions,
+)
 
 
 def test_series_files(tmp_path):
@@ -46,13 +55,24 @@ def test_interactions_csv(tmp_path):
 
 
 def test_task_set_saved_once_and_fingerprinted(tmp_path):
-    data = synthetic_interactions(30, 40, 16, seed=0)
-    tasks = build_tasks(data, query_size=3, test_size=2, min_support=4, seed=5)
+    data = synthetic_interactions(40, 40, 16, seed=0)
+    tasks = build_tasks(data, query_size=3, min_support=4, val_users=0.2, test_users=0.2, seed=5)
     fp = save_tasks(tasks, tmp_path)
     again = load_tasks(tmp_path)
     assert again.fingerprint() == fp
-    assert [a.tolist() for a in again.support] == [a.tolist() for a in tasks.support]
-    assert build_tasks(data, 3, 2, 4, seed=6).fingerprint() != fp  # another shuffle is another task set
+    assert [a.tolist() for a in again.histories] == [a.tolist() for a in tasks.histories]
+    assert again.item_ids == tasks.item_ids and again.roles.tolist() == tasks.roles.tolist()
+    assert build_tasks(data, 3, 4, 0.2, 0.2, seed=6).fingerprint() != fp  # another shuffle is another task set
+
+
+def test_held_out_users_are_separate_and_never_trained_on():
+    data = synthetic_interactions(50, 40, 12, seed=1)
+    tasks = build_tasks(data, query_size=3, min_support=4, val_users=0.2, test_users=0.1, seed=0)
+    groups = [set(tasks.users[tasks.of(role)].tolist()) for role in (TRAIN, VAL, TEST)]
+    assert [len(g) for g in groups] == [35, 10, 5]
+    assert not (groups[0] & groups[1] or groups[0] & groups[2] or groups[1] & groups[2])
+    with pytest.raises(DataError, match="too few for data.val_users"):
+        build_tasks(synthetic_interactions(3, 40, 12, seed=1), 3, 4, 0.2, 0.1, seed=0)
 
 
 def test_global_batches_cover_each_epoch_once_at_any_world_size():
