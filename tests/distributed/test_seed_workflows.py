@@ -192,8 +192,12 @@ def test_staged_recommender_carries_its_task_set_and_keeps_the_phase_boundary(ru
     last = stage2 / "checkpoints" / "step_00000005"
     assert files.read_info(last)["init_from"] == str(stage1 / "checkpoints" / "step_00000024")
     assert adam_steps(last) == {5.0}  # weights only: a fresh optimizer
-    log = train("recommender", stage2, tmp_path / "again.log", *cmd)  # the same command again: resumes
+    log = train("recommender", stage2, tmp_path / "again.log", *cmd)  # the same command again: done
+    assert "Run already finished at step 5" in log and "Initialised from" not in log
+    longer = [*cmd[:-1], "train.max_steps=6"]  # a longer target resumes this run, not the init source
+    log = train("recommender", stage2, tmp_path / "longer.log", *longer)
     assert "not used, this run already has a checkpoint" in log and "Initialised from" not in log
+    assert adam_steps(stage2 / "checkpoints" / "step_00000006") == {6.0}
     # (carrying, rebuilding and a missing task set: tests/unit/test_workflow_rules.py)
 
 
