@@ -6,7 +6,16 @@ import logging
 import sys
 from pathlib import Path
 
+from launcher import fileio
+
 FORMAT = "%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s"
+
+
+class _LogFile(logging.FileHandler):
+    """A FileHandler that refuses a symlink or FIFO planted at the log's path (``fileio.open_append``)."""
+
+    def _open(self):
+        return fileio.open_append(Path(self.baseFilename))
 
 
 def setup(rank: int, level: str | None = None, run_dir: Path | None = None) -> None:
@@ -28,7 +37,7 @@ def setup(rank: int, level: str | None = None, run_dir: Path | None = None) -> N
     root.setLevel(logging.DEBUG if level and level.upper() == "DEBUG" else logging.INFO)
     if run_dir is not None:
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(run_dir / "logs" / f"rank{rank}.log")
+        fh = _LogFile(run_dir / "logs" / f"rank{rank}.log")
         fh.setFormatter(fmt)
         fh.setLevel(logging.DEBUG if level and level.upper() == "DEBUG" else logging.INFO)
         root.addHandler(fh)
