@@ -16,9 +16,9 @@ from filelock import FileLock, Timeout
 
 from launcher import dist as ldist
 from launcher import env as cluster_env
-from launcher import events, exit_codes, logs, observers, rng
-from launcher.checkpoint import files
+from launcher import events, exit_codes, fileio, logs, observers, rng
 from launcher.checkpoint.manager import CheckpointError, CheckpointManager
+from launcher.checkpoint.record import CheckpointRecord, RecordError, read_record
 from launcher.config import RunConfig, diff_configs, flatten
 from launcher.heartbeat import Heartbeat
 from launcher.metrics import MetricsLog
@@ -62,8 +62,14 @@ def run(cfg: RunConfig, opts: RunOptions, preempt: PreemptionFlag | None = None)
     """Train ``cfg`` in ``opts.run_dir`` on this process's share of the job; return the exit code."""
     env = cluster_env.detect()
     ctx = ldist.init(env)
-    opts.run_dir.mkdir(parents=True, exist_ok=True)
-    logs.setup(ctx.rank, opts.log_level, opts.run_dir)
+    try:
+        opts.run_dir.mkdir(parents=True, exist_ok=True)
+        logs.setup(ctx.rank, opts.log_level, opts.run_dir)
+    except OSError as e:
+        logs.setup(ctx.rank, opts.log_level)
+        log.error("Cannot use the run directory %s: %s", opts.run_dir, fileio.describe_os_error(e))
+        ldist.shutdown()
+        return exit_codes.CHECKPOINT_ERROR
     log.info("Process group: backend %s, world size %d, device %s (%s launch)", ctx.backend, ctx.world_size,
              ctx.device, ctx.env.kind)
     try:
@@ -71,6 +77,9 @@ def run(cfg: RunConfig, opts: RunOptions, preempt: PreemptionFlag | None = None)
                    preempt=preempt).run()
     except CheckpointError as e:
         log.error("%s", e)
+        return e.code
+    except OSError as e:  # a run-directory file that cannot be written mid-run (disk full, ...)
+        log.error("%s", fileio.describe_os_error(e))
         return exit_codes.CHECKPOINT_ERROR
     finally:
         ldist.shutdown()
@@ -103,9 +112,7 @@ class Job:
             self._lock_run_dir()
             self.manager.prepare()
             path = self.manager.resolve(self.opts.resume)
-            info = files.read_info(path) if path else None
-            if info:
-                self._check_config(info)
+            info = self._together(lambda: self._read_record(path)) if path else None
             # Every generator of every rank starts from the seed, so a fresh attempt and a resumed
             # one draw the same numbers (python's and numpy's are otherwise seeded from the OS).
             rng.seed_everything(self.cfg.train.seed * 1000 + self.ctx.rank)
@@ -117,9 +124,8 @@ class Job:
             else:
                 log.info("Starting fresh in %s (no checkpoint found)", self.run_dir)
                 # Metrics of an attempt that died before its first checkpoint are not part of this run.
-                self.metrics.truncate_after(0)
-            self._write_config()
-            self._record_start(path, info)
+                self._together(lambda: self.metrics.truncate_after(0))
+            self._together(lambda: (self._write_config(), self._record_start(path, info)))
             return self._loop()
         finally:
             self.manager.close()
@@ -129,36 +135,70 @@ class Job:
                 self._lock.release()
 
     def _lock_run_dir(self) -> None:
-        """Refuse a second live job on this run directory (the lock dies with its holder)."""
+        """Refuse a second live job on this run directory (the lock dies with its holder).
+
+        The holder then removes temporary files that killed writes of ours left in the run
+        directory (no other writer of ours can be active there now).
+        """
         outcome = [None]
         if self.ctx.is_main:
             self._lock = FileLock(str(self.run_dir / ".lock"))
             try:
                 self._lock.acquire(timeout=0)
+                for name in fileio.clean_leftovers(self.run_dir):
+                    log.info("Removed %s, left by an interrupted write", name)
             except Timeout:
                 self._lock = None
                 outcome[0] = (f"{self.run_dir} is in use by another live job (lock {self.run_dir / '.lock'} "
                               f"is held). Wait for it to finish or stop it, or choose another --run-dir.")
+            except OSError as e:
+                self._lock = None
+                outcome[0] = f"cannot lock {self.run_dir / '.lock'}: {fileio.describe_os_error(e)}"
         if self.ctx.world_size > 1:
             dist.broadcast_object_list(outcome, src=0, group=self.ctx.ckpt_group)
         if outcome[0]:
             raise CheckpointError(outcome[0])
 
-    def _check_config(self, info: dict[str, Any]) -> None:
-        saved = info.get("config", {})
+    def _together(self, step: Any) -> Any:
+        """Run one start-up ``step`` on every rank; if it fails on any rank, fail on every rank.
+
+        Each rank shares its outcome before going on, so a rank that failed (rank 0 alone writes
+        the run's files) never leaves the others waiting in a collective until the timeout.
+        """
+        error, result = None, None
+        try:
+            result = step()
+        except CheckpointError as e:
+            error = (str(e), e.code)
+        except (RecordError, OSError) as e:
+            error = (fileio.describe_os_error(e) if isinstance(e, OSError) else str(e), exit_codes.CHECKPOINT_ERROR)
+        errors = ldist.agree(error, self.ctx.ckpt_group, self.ctx.world_size)
+        if errors:
+            message, code = errors[0]
+            raise CheckpointError(message if error else f"{message} (reported by another rank)", code)
+        return result
+
+    def _read_record(self, path: Path) -> CheckpointRecord:
+        """The resume checkpoint's record, checked against this run's config."""
+        record = read_record(path)
+        self._check_config(record)
+        return record
+
+    def _check_config(self, info: CheckpointRecord) -> None:
+        saved = info.config
         changes = diff_configs(saved, self.cfg.to_dict())
         shape = getattr(self.trainer_cls, "shape_fields", ("model.",))
         bad = {k: v for k, v in changes.items() if any(k == f or k.startswith(f) for f in shape) or k == "trainer"}
         if bad:
             lines = "\n".join(f"  - {k}: checkpoint has {a!r}, config has {b!r}" for k, (a, b) in bad.items())
             raise CheckpointError(
-                f"The config changes the model's architecture relative to checkpoint {info.get('name')}:\n{lines}\n"
+                f"The config changes the model's architecture relative to checkpoint {info.name}:\n{lines}\n"
                 f"Restore these values to resume, or start a new --run-dir (use --resume PATH with "
                 f"--reset-optimizer only for weights of the same shape).")
         for k, (a, b) in changes.items():
             log.info("Config change accepted on resume: %s: %r -> %r", k, a, b)
 
-    def _resume(self, path: Path, info: dict[str, Any]) -> None:
+    def _resume(self, path: Path, info: CheckpointRecord) -> None:
         weights_only = self.opts.reset_optimizer
         template = self.trainer.state_dict(weights_only=weights_only)
         self._check_shapes(path, template)
@@ -170,17 +210,17 @@ class Job:
             template["rng"] = {own_rng: rng.capture()}
         log.info("Resuming from checkpoint: %s", path)
         state = self.manager.load(path, template)
-        step = int(info["step"])
+        step = info.step
         self.trainer.load_state_dict(state, weights_only=weights_only, step=step)
         self.progress = Progress.from_json(state["progress"])
         if has_rng:
             rng.restore(state["rng"][own_rng])
         else:
             log.warning("Checkpoint has no RNG state for rank %d (saved at world size %s): this rank keeps "
-                        "its fresh seed", self.ctx.rank, info.get("world_size"))
+                        "its fresh seed", self.ctx.rank, info.world_size)
         self.progress.resumed_at.append(step)
         self.manager.mark_saved(step)
-        dropped = self.metrics.truncate_after(step)
+        dropped = self._together(lambda: self.metrics.truncate_after(step))
         spe = self.trainer.steps_per_epoch()
         log.info("Resumed from epoch %d, step %d (checkpoint %s); %d epoch record(s) restored%s; target %d steps",
                  step // spe + 1, step, path.name, len(self.progress.history),
@@ -205,7 +245,7 @@ class Job:
                                   f"The data or config defines a different architecture; restore it or use a "
                                   f"new --run-dir.")
 
-    def _record_start(self, path: Path | None, info: dict[str, Any] | None) -> None:
+    def _record_start(self, path: Path | None, info: CheckpointRecord | None) -> None:
         env = self.ctx.env
         if env.requeue_count or env.restart_count:
             log.info("Attempt: torchrun/ftrun restart %d, SLURM requeue (SLURM_RESTART_COUNT) %d",
@@ -217,7 +257,8 @@ class Job:
 
     def _write_config(self) -> None:
         if self.ctx.is_main:
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+            text = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
+            fileio.atomic_write(self.run_dir / "config.yaml", text.encode())
 
     # ------------------------------------------------------------------ loop
 

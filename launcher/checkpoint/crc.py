@@ -1,22 +1,16 @@
-"""CRC32 of large files on every core: pieces checksummed in threads, then combined.
+"""Combining CRC32 values of consecutive pieces into the CRC32 of the whole.
 
 zlib's CRC32 runs at about 1-3 GB/s on one core, as fast as a good disk writes, so a checkpoint
 of one big shard per rank would take as long to verify as to save. zlib releases the GIL while
-it checksums, so pieces of a file are checksummed in parallel threads and combined with
-:func:`crc32_combine` (zlib's own algorithm; Python's ``zlib`` does not expose it). The result
-is the plain CRC32 of the whole file, identical to ``zlib.crc32`` over its bytes.
+it checksums, so pieces of a file are checksummed in parallel threads (``digest.py``) and
+combined with :func:`crc32_combine` (zlib's own algorithm; Python's ``zlib`` does not expose it).
+The result is the plain CRC32 of the whole file, identical to ``zlib.crc32`` over its bytes.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import os
-import zlib
 from functools import lru_cache
-from pathlib import Path
 
-PIECE = 32 * 2**20  # bytes per parallel piece
-_READ = 8 * 2**20  # bytes per read() inside a piece
 _POLY = 0xEDB88320  # CRC-32 (reflected)
 
 
@@ -54,36 +48,3 @@ def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
     if len2 <= 0:
         return crc1
     return _times(_shift_operator(len2), crc1) ^ crc2
-
-
-def _piece_crc(path: Path, offset: int, length: int) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        f.seek(offset)
-        while length > 0:
-            chunk = f.read(min(_READ, length))
-            if not chunk:
-                raise OSError(f"{path}: file shrank while being read")
-            crc = zlib.crc32(chunk, crc)
-            length -= len(chunk)
-    return crc
-
-
-def files_crc32(paths: list[Path], workers: int | None = None) -> dict[Path, tuple[int, str]]:
-    """Size and CRC32 (8 hex digits) of each file, every piece of every file in parallel.
-
-    Raises:
-        OSError: a file cannot be read.
-    """
-    sizes = {p: os.stat(p).st_size for p in paths}
-    pieces = [(p, off, min(PIECE, size - off)) for p, size in sizes.items() for off in range(0, size, PIECE)]
-    workers = max(1, min(len(pieces), workers or os.cpu_count() or 1, 16))
-    if workers == 1:
-        crcs = [_piece_crc(*piece) for piece in pieces]
-    else:
-        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="crc32") as pool:
-            crcs = list(pool.map(lambda piece: _piece_crc(*piece), pieces))
-    totals = {p: 0 for p in paths}
-    for (path, _, length), crc in zip(pieces, crcs, strict=True):
-        totals[path] = crc32_combine(totals[path], crc, length)
-    return {p: (sizes[p], f"{totals[p]:08x}") for p in paths}
