@@ -6,9 +6,11 @@ process and N processes run the same code (DDP, DCP, barriers) and differ only i
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import logging
+import os
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -61,22 +63,53 @@ def _listening_socket(host: str, port: int) -> socket.socket | None:
         return None
 
 
-def bound_store(host: str, port: int, world_size: int, timeout: datetime.timedelta) -> dist.TCPStore:
-    """The process-group store, hosted here and listening only on the interface of ``host``.
+def _store_on(host: str, port: int, create: Any, **kwargs: Any) -> Any:
+    """``create(host, port, is_master=True, ...)`` listening only on ``host``'s address, if we can bind it.
 
-    Falls back to torch's own socket (every interface) when ``host`` is not an address of this
-    machine or the store's backend cannot take a socket (``use_libuv=False``).
+    Falls back to torch's own socket (every interface) when ``host`` is a name, not an address
+    of this machine, or the port is taken (torch then reports or handles that itself).
     """
     sock = _listening_socket(host, port)
     if sock is not None:
+        bound_port, fd = sock.getsockname()[1], sock.detach()
         try:
-            store = dist.TCPStore(host, sock.getsockname()[1], world_size, is_master=True, timeout=timeout,
-                                  master_listen_fd=sock.detach(), use_libuv=True)
-            log.debug("Process-group store listening on %s:%d only", host, port)
+            store = create(host, bound_port, is_master=True, master_listen_fd=fd, use_libuv=True, **kwargs)
+            log.debug("Store listening on %s:%d only", host, bound_port)
             return store
         except (RuntimeError, TypeError, ValueError) as e:
-            log.debug("Process-group store: cannot listen on %s only (%s); listening on every interface", host, e)
-    return dist.TCPStore(host, port, world_size, is_master=True, timeout=timeout)
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            log.debug("Store: cannot listen on %s only (%s); listening on every interface", host, e)
+    return create(host, port, is_master=True, **kwargs)
+
+
+def bound_store(host: str, port: int, world_size: int, timeout: datetime.timedelta) -> dist.TCPStore:
+    """The process-group store, hosted here and listening only on the interface of ``host`` (see :func:`_store_on`)."""
+    return _store_on(host, port, dist.TCPStore, world_size=world_size, timeout=timeout)
+
+
+@contextlib.contextmanager
+def rendezvous_store_on_endpoint():
+    """While torch's c10d rendezvous handler is created, its store listens only on the endpoint's address.
+
+    ``ftrun --rdzv_endpoint=127.0.0.1:29400`` (an IP or localhost) then hosts the rendezvous
+    store on that address alone; torch would listen on every interface. Torch builds the store
+    inside ``get_rendezvous_handler`` through this module-level name, and nowhere else.
+    """
+    from torch.distributed.elastic.rendezvous import c10d_rendezvous_backend as backend
+
+    original = backend.TCPStore
+
+    def create(host: str, port: int, *args: Any, is_master: bool = False, **kwargs: Any) -> Any:
+        if is_master and not args:
+            return _store_on(host, port, original, **kwargs)
+        return original(host, port, *args, is_master=is_master, **kwargs)
+
+    backend.TCPStore = create
+    try:
+        yield
+    finally:
+        backend.TCPStore = original
 
 
 def init(env: ClusterEnv, timeout_s: float = 300.0) -> DistContext:
