@@ -1,8 +1,8 @@
 """Our side of torch.distributed.checkpoint (DCP): digest while writing, read without running code.
 
 * :class:`DigestFileSystem` is DCP's file system with every file digested *as it is written*
-  (``digest.StreamDigest``: pieces copied off the writer and digested on other cores), so a save
-  never reads its shards back. What is recorded is what was handed to ``write()``; the size on
+  (``digest.StreamDigest``, fed each buffer handed to ``write()``), so a save never reads its
+  shards back. What is recorded is what was handed to ``write()``; the size on
   disk is checked against it, and a resume re-reads every byte, so nothing verified is weaker
   than a read-back. Files are created with ``O_EXCL | O_NOFOLLOW``: the save's directory is
   fresh, and nothing planted in it is followed or reused.
@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from launcher.checkpoint import digest
-from launcher.checkpoint.digest import Hasher, StreamDigest
+from launcher.checkpoint.digest import Scheme, StreamDigest
 
 
 class _DigestingStream:
@@ -59,12 +59,12 @@ class DigestFileSystem(FileSystem):
     """DCP's ``FileSystem`` that records ``{file name: (size, digest)}`` of everything it writes.
 
     Args:
-        hasher: the digest scheme and its worker threads (shared by all files of one save).
+        scheme: how to digest (CRC32, or keyed BLAKE3).
     """
 
-    def __init__(self, hasher: Hasher):
+    def __init__(self, scheme: Scheme):
         super().__init__()
-        self.hasher = hasher
+        self.scheme = scheme
         self.written: dict[str, tuple[int, str]] = {}
         self.unknown: set[str] = set()  # written, but their running digest is void: read them back
         self.errors: list[str] = []  # OS errors met while writing, "file: reason"
@@ -82,16 +82,12 @@ class DigestFileSystem(FileSystem):
         except OSError as e:
             self.errors.append(f"{path.name}: {e.strerror or e}")
             raise
-        stream = _DigestingStream(open(fd, "wb"), StreamDigest(self.hasher), self.errors, path.name)  # noqa: SIM115
+        stream = _DigestingStream(open(fd, "wb"), StreamDigest(self.scheme), self.errors, path.name)  # noqa: SIM115
         try:
             yield stream if self.stream_hook is None else self.stream_hook(stream)
-        except BaseException:
-            stream.digest.abandon()
-            raise
         finally:
             stream.close()
         if stream.seeked:
-            stream.digest.abandon()
             self.unknown.add(path.name)
         else:
             self.written[path.name] = stream.digest.result()
@@ -177,9 +173,9 @@ def saved_shapes(path: Path) -> dict[str, tuple[int, ...] | None]:
     return out
 
 
-def digesting_writer(directory: Path, hasher: Hasher) -> tuple[dcp.FileSystemWriter, DigestFileSystem]:
+def digesting_writer(directory: Path, scheme: Scheme) -> tuple[dcp.FileSystemWriter, DigestFileSystem]:
     """A DCP writer (fsync on) into ``directory`` whose files are digested as they are written."""
-    fs = DigestFileSystem(hasher)
+    fs = DigestFileSystem(scheme)
     writer = dcp.FileSystemWriter(str(directory), sync_files=True)
     writer.fs = fs
     return writer, fs
@@ -196,7 +192,7 @@ def describe_written(directory: Path, names: list[str], fs: DigestFileSystem) ->
     """
     listing = {n: fs.written[n] for n in names if n in fs.written}
     reread = [Path(directory) / n for n in names if n not in fs.written]
-    for path, got in digest.digest_files(reread, fs.hasher.scheme).items():
+    for path, got in digest.digest_files(reread, fs.scheme).items():
         if isinstance(got, OSError):
             raise got
         listing[path.name] = got

@@ -1,92 +1,95 @@
-"""Content digests of checkpoint files: CRC32 without a key, keyed HMAC-SHA256 with one (torch-free).
+"""Content digests of checkpoint files: CRC32 without a key, keyed BLAKE3 with one (torch-free).
 
-Both are computed over fixed pieces of a file (``PIECE`` bytes), so that pieces can be digested on
-every core at once, and while the file is being written (:class:`StreamDigest`) as well as by
-reading it back (:func:`digest_files`); both ways give the same value.
+Both are computed *while a file is written* (:class:`StreamDigest`, fed every byte handed to
+``write()``), and again by reading it back when a checkpoint is verified (:func:`digest_files`,
+files in parallel, each mapped into memory once).
 
-* **crc32** (no key): the plain CRC32 of the whole file (pieces combined with
-  :func:`~launcher.checkpoint.crc.crc32_combine`). It catches truncation, bit flips, torn and
-  stale files, and a file swapped for one of another size. It is no protection against a
-  deliberate edit: anyone can recompute a CRC, or keep it unchanged by choosing 4 bytes.
-* **hmac-sha256** (``FTLAUNCH_HMAC_KEY`` or ``FTLAUNCH_HMAC_KEY_FILE`` set): a keyed tree digest.
-  Piece ``i`` gives ``leaf_i = HMAC(K, "ftlaunch-leaf" 0 le64(i) piece_i)``, and the file's digest is
-  ``HMAC(K, "ftlaunch-file" 0 le64(PIECE) le64(size) leaf_0 leaf_1 ...)``. Without the key no
-  one can produce the digest of changed content, move pieces around, or truncate a file. The
-  manifest that lists these digests is signed with the same key (:meth:`Scheme.sign`).
-
-HMAC-SHA256 over OpenSSL uses the CPU's SHA instructions where present: 1.6 GB/s per core on the
-2-core development box, against 0.7-0.9 GB/s for zlib's CRC32 and 0.13-0.17 GB/s for BLAKE2b,
-all release the GIL, so the keyed digest costs no more than the CRC.
+* **crc32** (no key): the CRC32 of the whole file, the same value as ``zlib.crc32``, computed
+  with zlib-ng's vectorised implementation when installed (27 GB/s per core on the development
+  box against 4 GB/s for zlib). It catches truncation, bit flips, torn and stale files, and a
+  file swapped for one of another size. It is no protection against a deliberate edit: anyone
+  can recompute a CRC, or keep it unchanged by choosing 4 bytes.
+* **blake3-keyed** (``FTLAUNCH_HMAC_KEY`` or ``FTLAUNCH_HMAC_KEY_FILE`` set): BLAKE3 in keyed
+  mode, a MAC: without the key no one can produce the digest of changed content. Two 32-byte
+  keys are derived from the configured secret (BLAKE3's key derivation), one for file digests
+  and one for the manifest's signature (:meth:`Scheme.sign`), so neither can stand in for the
+  other. BLAKE3 was chosen by measurement on the development box: 4.6 GB/s per core, against
+  1.3 GB/s for HMAC-SHA256 (with the CPU's SHA instructions) and 0.14 GB/s for keyed BLAKE2b, so
+  digesting a file while writing it costs a few percent of the write.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
-import hmac
+import mmap
 import os
 import stat
-import threading
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from launcher import fileio
-from launcher.checkpoint.crc import crc32_combine
+
+try:  # identical values to zlib.crc32, several times faster
+    from zlib_ng.zlib_ng import crc32 as _crc32
+except ImportError:  # pragma: no cover - a platform without zlib-ng wheels
+    _crc32 = zlib.crc32
 
 KEY_ENV = "FTLAUNCH_HMAC_KEY"
 KEY_FILE_ENV = "FTLAUNCH_HMAC_KEY_FILE"
 MIN_KEY_BYTES = 16
-PIECE = 4 * 2**20  # bytes per piece (a leaf of the keyed tree); recorded in every manifest
-CRC32, HMAC_SHA256 = "crc32", "hmac-sha256"
-MAX_WORKERS = 16
+CRC32, BLAKE3 = "crc32", "blake3-keyed"
+MAX_WORKERS = 8
+_CONTEXT = "ftlaunch 2026-12 checkpoint {}"  # BLAKE3 key-derivation contexts (fixed forever)
 
 
 class KeyProblem(ValueError):
     """The signing key is set but unusable (too short, unreadable, readable by others)."""
 
 
+class _Crc:
+    def __init__(self) -> None:
+        self.value = 0
+
+    def update(self, data) -> None:
+        self.value = _crc32(data, self.value)
+
+    def hexdigest(self) -> str:
+        return f"{self.value:08x}"
+
+
 @dataclass(frozen=True)
 class Scheme:
-    """How file contents are digested: ``crc32`` (no key) or ``hmac-sha256`` (with ``key``)."""
+    """How file contents are digested: ``crc32`` (no key) or ``blake3-keyed`` (with a secret)."""
 
     name: str = CRC32
-    key: bytes | None = None
-    piece: int = PIECE
+    file_key: bytes | None = field(default=None, repr=False)
+    sign_key: bytes | None = field(default=None, repr=False)
+
+    @classmethod
+    def keyed(cls, secret: bytes) -> Scheme:
+        import blake3
+        derive = lambda purpose: blake3.blake3(secret, derive_key_context=_CONTEXT.format(purpose)).digest()  # noqa: E731
+        return cls(BLAKE3, derive("file digest"), derive("manifest signature"))
 
     @property
     def signed(self) -> bool:
-        return self.key is not None
+        return self.file_key is not None
 
-    def leaf(self, index: int, data: bytes | memoryview) -> int | bytes:
-        if self.key is None:
-            return zlib.crc32(data)
-        h = hmac.new(self.key, b"ftlaunch-leaf\0", hashlib.sha256)
-        h.update(index.to_bytes(8, "little"))
-        h.update(data)
-        return h.digest()
-
-    def root(self, leaves: list, lengths: list[int], size: int) -> str:
-        if self.key is None:
-            crc = 0
-            for leaf, length in zip(leaves, lengths, strict=True):
-                crc = crc32_combine(crc, leaf, length)
-            return f"{crc:08x}"
-        h = hmac.new(self.key, b"ftlaunch-file\0", hashlib.sha256)
-        h.update(self.piece.to_bytes(8, "little") + size.to_bytes(8, "little"))
-        for leaf in leaves:
-            h.update(leaf)
-        return h.hexdigest()
+    def new(self, threads: bool = False):
+        """A fresh hasher (``update(bytes)``, ``hexdigest()``); ``threads``: BLAKE3 may use every core."""
+        if self.file_key is None:
+            return _Crc()
+        import blake3
+        return blake3.blake3(key=self.file_key, max_threads=blake3.blake3.AUTO if threads else 1)
 
     def sign(self, payload: bytes) -> str:
         """The manifest signature over ``payload`` (only with a key)."""
-        if self.key is None:
+        if self.sign_key is None:
             raise ValueError("no key to sign with")
-        return hmac.new(self.key, b"ftlaunch-manifest\0" + payload, hashlib.sha256).hexdigest()
-
-    def with_piece(self, piece: int) -> Scheme:
-        return Scheme(self.name, self.key, piece)
+        import blake3
+        return blake3.blake3(payload, key=self.sign_key).hexdigest()
 
 
 def from_env(env: Mapping[str, str] | None = None) -> Scheme:
@@ -100,16 +103,19 @@ def from_env(env: Mapping[str, str] | None = None) -> Scheme:
     if text and key_file:
         raise KeyProblem(f"both {KEY_ENV} and {KEY_FILE_ENV} are set; set only one")
     if key_file:
-        key = _read_key_file(Path(key_file))
+        secret = _read_key_file(Path(key_file))
     elif text:
-        key = text.encode()
+        secret = text.encode()
     else:
         return Scheme()
-    if len(key) < MIN_KEY_BYTES:
-        raise KeyProblem(f"the checkpoint signing key ({KEY_FILE_ENV if key_file else KEY_ENV}) has {len(key)} "
+    if len(secret) < MIN_KEY_BYTES:
+        raise KeyProblem(f"the checkpoint signing key ({KEY_FILE_ENV if key_file else KEY_ENV}) has {len(secret)} "
                          f"bytes; use at least {MIN_KEY_BYTES}, e.g. the output of "
                          f"python -c 'import secrets; print(secrets.token_hex(32))'")
-    return Scheme(HMAC_SHA256, key)
+    try:
+        return Scheme.keyed(secret)
+    except ImportError:
+        raise KeyProblem("signing checkpoints needs the blake3 package: pip install blake3") from None
 
 
 def _read_key_file(path: Path) -> bytes:
@@ -125,148 +131,53 @@ def _read_key_file(path: Path) -> bytes:
 
 def digest_bytes(scheme: Scheme, data: bytes) -> str:
     """The digest of ``data`` as if it were a file's whole content."""
-    view = memoryview(data)
-    pieces = [view[off:off + scheme.piece] for off in range(0, len(data), scheme.piece)]
-    leaves = [scheme.leaf(i, p) for i, p in enumerate(pieces)]
-    return scheme.root(leaves, [len(p) for p in pieces], len(data))
+    h = scheme.new()
+    h.update(data)
+    return h.hexdigest()
 
 
-def _workers(n_pieces: int, workers: int | None) -> int:
-    return max(1, min(n_pieces, workers or os.cpu_count() or 1, MAX_WORKERS))
+def _digest_file(path: Path, scheme: Scheme) -> tuple[int, str]:
+    fd = fileio.open_regular(path)  # a FIFO or a symlink is refused, never waited on
+    try:
+        size = os.fstat(fd).st_size
+        h = scheme.new(threads=True)
+        if size:
+            with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as view:
+                h.update(view)
+        return size, h.hexdigest()
+    finally:
+        os.close(fd)
 
 
 def digest_files(paths: list[Path], scheme: Scheme,
                  workers: int | None = None) -> dict[Path, tuple[int, str] | OSError]:
-    """Size and digest of each file, every piece of every file in parallel; an OSError per unreadable file.
-
-    Each file is opened once, as a regular file only (:func:`launcher.fileio.open_regular`: a FIFO
-    or symlink is refused, never waited on), and its pieces are read with ``pread``.
-    """
+    """Size and digest of each file (files in parallel); an OSError in place of each unreadable one."""
+    n = max(1, min(len(paths), workers or os.cpu_count() or 1, MAX_WORKERS))
     out: dict[Path, tuple[int, str] | OSError] = {}
-    fds: dict[Path, tuple[int, int]] = {}
-    try:
-        for path in paths:
+    with concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="digest") as pool:
+        futures = {path: pool.submit(_digest_file, path, scheme) for path in paths}
+        for path, future in futures.items():
             try:
-                fd = fileio.open_regular(path)
-                fds[path] = (fd, os.fstat(fd).st_size)
-            except OSError as e:
-                out[path] = e
-        pieces = [(path, i, off, min(scheme.piece, size - off))
-                  for path, (_, size) in fds.items() for i, off in enumerate(range(0, size, scheme.piece))]
-
-        def leaf(piece: tuple[Path, int, int, int]) -> int | bytes:
-            path, index, offset, length = piece
-            data = os.pread(fds[path][0], length, offset)
-            if len(data) != length:
-                raise OSError(f"{path}: file shrank while being read")
-            return scheme.leaf(index, data)
-
-        n = _workers(len(pieces), workers)
-        results: list[int | bytes | OSError] = []
-        with concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="digest") as pool:
-            for future in [pool.submit(leaf, piece) for piece in pieces]:
-                try:
-                    results.append(future.result())
-                except OSError as e:
-                    results.append(e)
-        per_file: dict[Path, list] = {path: [] for path in fds}
-        for (path, _, _, length), value in zip(pieces, results, strict=True):
-            per_file[path].append((value, length))
-        for path, (_, size) in fds.items():
-            errors = [v for v, _ in per_file[path] if isinstance(v, OSError)]
-            if errors:
-                out[path] = errors[0]
-            else:
-                out[path] = (size, scheme.root([v for v, _ in per_file[path]], [n for _, n in per_file[path]], size))
-    finally:
-        for fd, _ in fds.values():
-            os.close(fd)
+                out[path] = future.result()
+            except (OSError, ValueError) as e:  # ValueError: the file shrank under the mapping
+                out[path] = e if isinstance(e, OSError) else OSError(f"{path}: {e}")
     return out
-
-
-class Hasher:
-    """Threads that digest pieces while they are written, with a bounded number of pieces in flight.
-
-    A piece is copied out of the writer's buffer (the bytes passed to ``write`` belong to the
-    caller once it returns), digested on another core, and its buffer reused. At most
-    ``inflight`` pieces exist at once: a writer that gets ahead of the digests waits.
-    """
-
-    def __init__(self, scheme: Scheme, workers: int | None = None, inflight: int | None = None):
-        self.scheme = scheme
-        n = _workers(MAX_WORKERS, workers)
-        self._pool = concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="digest")
-        self._slots = threading.BoundedSemaphore(inflight or 2 * n + 2)
-        self._free: list[bytearray] = []
-        self._lock = threading.Lock()
-
-    def buffer(self) -> bytearray:
-        self._slots.acquire()
-        with self._lock:
-            return self._free.pop() if self._free else bytearray(self.scheme.piece)
-
-    def submit(self, index: int, buf: bytearray, length: int) -> concurrent.futures.Future:
-        def run() -> int | bytes:
-            try:
-                return self.scheme.leaf(index, memoryview(buf)[:length])
-            finally:
-                self.release(buf)
-        return self._pool.submit(run)
-
-    def release(self, buf: bytearray) -> None:
-        with self._lock:
-            self._free.append(buf)
-        self._slots.release()
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
-        self._free.clear()
 
 
 class StreamDigest:
     """The digest of bytes as they are written: feed every written byte to :meth:`update`, in order."""
 
-    def __init__(self, hasher: Hasher):
-        self._hasher = hasher
-        self._piece = hasher.scheme.piece
-        self._buf: bytearray | None = None
-        self._fill = 0
-        self._futures: list[tuple[concurrent.futures.Future, int]] = []
+    def __init__(self, scheme: Scheme):
+        self._h = scheme.new()
         self.size = 0
 
     def update(self, data) -> None:
         view = memoryview(data)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
+        self._h.update(view)
         self.size += len(view)
-        while view:
-            if self._buf is None:
-                self._buf = self._hasher.buffer()
-            n = min(len(view), self._piece - self._fill)
-            self._buf[self._fill:self._fill + n] = view[:n]
-            self._fill += n
-            view = view[n:]
-            if self._fill == self._piece:
-                self._submit()
-
-    def _submit(self) -> None:
-        self._futures.append((self._hasher.submit(len(self._futures), self._buf, self._fill), self._fill))
-        self._buf, self._fill = None, 0
 
     def result(self) -> tuple[int, str]:
-        """``(size, digest)`` of everything written; waits for the pieces still being digested."""
-        if self._fill:
-            self._submit()
-        elif self._buf is not None:
-            self._hasher.release(self._buf)
-            self._buf = None
-        leaves = [f.result() for f, _ in self._futures]
-        return self.size, self._hasher.scheme.root(leaves, [n for _, n in self._futures], self.size)
-
-    def abandon(self) -> None:
-        """Give back the buffer of a write that failed (its digest is never asked for)."""
-        if self._buf is not None:
-            self._hasher.release(self._buf)
-            self._buf = None
-        for f, _ in self._futures:
-            f.exception()  # wait: each piece gives its buffer back when it is done
+        """``(size, digest)`` of everything written."""
+        return self.size, self._h.hexdigest()

@@ -27,7 +27,6 @@ from launcher.checkpoint.record import INFO, CheckpointRecord, RecordError, read
 MANIFEST = "manifest.json"
 DCP_METADATA = ".metadata"
 FORMAT = 2
-_PIECES = range(16, 31)  # log2 of accepted piece sizes: 64 KB .. 1 GB
 
 
 class CheckpointError(RuntimeError):
@@ -47,17 +46,16 @@ class Manifest:
     """``manifest.json``. Format 2 binds name, step and run; format 1 (older saves) lists files only."""
 
     files: dict[str, tuple[int, str]]  # file name -> (size, digest)
-    algorithm: str = digest.CRC32  # "crc32" or "hmac-sha256" (JSON key: digest)
+    algorithm: str = digest.CRC32  # "crc32" or "blake3-keyed" (JSON key: digest)
     name: str | None = None
     step: int | None = None
     run_id: str | None = None
-    piece: int = digest.PIECE
     format: int = FORMAT
     signature: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = {"format": self.format, "name": self.name, "step": self.step, "run_id": self.run_id,
-               "digest": self.algorithm, "piece_bytes": self.piece,
+               "digest": self.algorithm,
                "files": {n: {"size": s, "digest": d} for n, (s, d) in sorted(self.files.items())}}
         if self.signature is not None:
             out["signature"] = self.signature
@@ -82,18 +80,14 @@ class Manifest:
             isinstance(e, dict) and _size(e.get("size")) and isinstance(e.get("digest"), str) for e in files.values())
         if not ok:
             raise ValueError("'files' must map each name to {size, digest}")
-        if obj.get("digest") not in (digest.CRC32, digest.HMAC_SHA256):
+        if obj.get("digest") not in (digest.CRC32, digest.BLAKE3):
             raise ValueError(f"unknown digest {obj.get('digest')!r}")
-        piece = obj.get("piece_bytes")
-        power_of_two = isinstance(piece, int) and piece > 0 and piece & (piece - 1) == 0
-        if not (power_of_two and piece.bit_length() - 1 in _PIECES):
-            raise ValueError("'piece_bytes' must be a power of two from 64 KB to 1 GB")
         name, step, run_id, sig = obj.get("name"), obj.get("step"), obj.get("run_id"), obj.get("signature")
         if not (isinstance(name, str) and _size(step) and isinstance(run_id, str)
                 and (sig is None or isinstance(sig, str))):
             raise ValueError("'name', 'step', 'run_id' (and 'signature') have the wrong types")
         return cls({n: (e["size"], e["digest"]) for n, e in files.items()}, obj["digest"], name, step, run_id,
-                   piece, FORMAT, sig)
+                   FORMAT, sig)
 
     @classmethod
     def _parse_v1(cls, obj: dict) -> Manifest:
@@ -114,7 +108,7 @@ def _size(v: Any) -> bool:
 def make_manifest(scheme: digest.Scheme, name: str, step: int, run_id: str,
                   files: dict[str, tuple[int, str]]) -> Manifest:
     """A format-2 manifest, signed when ``scheme`` has a key."""
-    m = Manifest(dict(files), scheme.name, name, step, run_id, scheme.piece)
+    m = Manifest(dict(files), scheme.name, name, step, run_id)
     if scheme.signed:
         m.signature = scheme.sign(m.payload())
     return m
@@ -201,14 +195,14 @@ def _signature_ok(path: Path, m: Manifest, scheme: digest.Scheme, problems: list
             problems.append(f"{path}: a format-1 manifest (an older save) whose checksums can be forged; it cannot "
                             f"be verified with a key. Verify it without {digest.KEY_ENV} only if you trust where it "
                             f"came from")
-        elif m.signature is None or m.algorithm != digest.HMAC_SHA256:
+        elif m.signature is None or m.algorithm != digest.BLAKE3:
             problems.append(f"{path}: not signed, but a signing key is set ({digest.KEY_ENV}/{digest.KEY_FILE_ENV}): "
                             f"written without the key, or its signature was removed")
         elif not hmac.compare_digest(m.signature, scheme.sign(m.payload())):
             problems.append(f"{path}: signature does not match: changed after it was written, or written with "
                             f"another key")
         return len(problems) == before
-    if m.algorithm == digest.HMAC_SHA256:
+    if m.algorithm == digest.BLAKE3:
         problems.append(f"{path}: signed with a key; set {digest.KEY_ENV} (or {digest.KEY_FILE_ENV}) to the key it "
                         f"was written with to verify it")
         return False
@@ -261,7 +255,7 @@ def _check_files(directory: Path, m: Manifest, scheme: digest.Scheme, deep: bool
         elif deep:
             to_digest.append((path, want))
     if to_digest:
-        sums = digest.digest_files([p for p, _ in to_digest], scheme.with_piece(m.piece))
+        sums = digest.digest_files([p for p, _ in to_digest], scheme)
         for path, want in to_digest:
             got = sums[path]
             if isinstance(got, OSError):

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from launcher import exit_codes, fileio
-from launcher.checkpoint import files, meta
+from launcher.checkpoint import digest, files, meta
 from launcher.checkpoint.record import CheckpointRecord, RecordError, read_record
 
 TMP_PREFIX = ".tmp-"
@@ -296,11 +296,11 @@ def begin(root: Path, name: str) -> Path:
     return tmp
 
 
-def seal(tmp: Path, manifest: files.Manifest) -> None:
-    """Write the manifest, make every entry durable, and check the result (presence, types, sizes)."""
+def seal(tmp: Path, manifest: files.Manifest, scheme: digest.Scheme) -> None:
+    """Write the manifest, make every entry durable, and check the result (signature, names, types, sizes)."""
     files.write_manifest(tmp, manifest)
     fileio.fsync_path(tmp)
-    check = files.verify(tmp, deep=False, name=manifest.name)
+    check = files.verify(tmp, deep=False, name=manifest.name, scheme=scheme)
     if not check.ok:
         raise files.CheckpointError(f"checkpoint {manifest.name} failed verification after writing: {check.reason()}")
 

@@ -333,19 +333,15 @@ class CheckpointManager:
             except OSError as e:
                 error = f"cannot create {tmp}: {fileio.describe_os_error(e)}"
         self._agree_all(error)
-        hasher = digest.Hasher(self.scheme)
-        writer, fs = dcp_io.digesting_writer(tmp, hasher)
+        writer, fs = dcp_io.digesting_writer(tmp, self.scheme)
         faults.arm_writer(fs, record.step, self.rank)
         try:
-            try:
-                dcp.save(state, storage_writer=writer, process_group=self.group)
-            except CheckpointException as e:  # raised on every rank when any rank failed
-                raise CheckpointError(f"writing checkpoint {name} to {tmp} failed: "
-                                      f"{failure_summary(e, fs.errors, self.root)}") from None
-            faults.hit("after_dcp_save", record.step, self.rank)
-            described = self._describe_own_files(tmp, fs, record)
-        finally:
-            hasher.close()
+            dcp.save(state, storage_writer=writer, process_group=self.group)
+        except CheckpointException as e:  # raised on every rank when any rank failed
+            raise CheckpointError(f"writing checkpoint {name} to {tmp} failed: "
+                                  f"{failure_summary(e, fs.errors, self.root)}") from None
+        faults.hit("after_dcp_save", record.step, self.rank)
+        described = self._describe_own_files(tmp, fs, record)
         gathered = self._gather(described)
         failed = [error for _, error in gathered if error]
         if failed:
@@ -407,7 +403,7 @@ class CheckpointManager:
         unlisted = sorted(n for n in os.listdir(tmp) if n not in listing)
         if unlisted:
             raise CheckpointError(f"{tmp}: files no rank accounted for: {unlisted}")
-        layout.seal(tmp, files.make_manifest(self.scheme, name, record.step, record.run_id, listing))
+        layout.seal(tmp, files.make_manifest(self.scheme, name, record.step, record.run_id, listing), self.scheme)
         faults.hit("after_manifest", record.step, self.rank)
         layout.install(self.root, tmp, name, durable=False)  # publish's fsync of the directory covers the rename
         self._known[name] = True

@@ -79,16 +79,15 @@ def write_checkpoint(out: Path, state: dict[str, Any], record: CheckpointRecord)
         tmp = layout.begin(parent, out.name)
     except OSError as e:
         raise CheckpointError(f"cannot create {out}: {fileio.describe_os_error(e)}") from None
-    hasher = digest.Hasher(scheme)
     try:
-        writer, fs = dcp_io.digesting_writer(tmp, hasher)
+        writer, fs = dcp_io.digesting_writer(tmp, scheme)
         dcp.save(state, storage_writer=writer, no_dist=True)
         data = encode(record)
         fileio.write_new(tmp / files.INFO, data)
         names = [n for n in fs.written.keys() | fs.unknown if n != files.INFO]
         listing = dcp_io.describe_written(tmp, names, fs)
         listing[files.INFO] = (len(data), digest.digest_bytes(scheme, data))
-        layout.seal(tmp, files.make_manifest(scheme, out.name, record.step, record.run_id, listing))
+        layout.seal(tmp, files.make_manifest(scheme, out.name, record.step, record.run_id, listing), scheme)
         check = files.verify(tmp, name=out.name, scheme=scheme)
         if not check.ok:
             raise CheckpointError(f"new checkpoint failed verification: {check.reason()}")
@@ -98,7 +97,6 @@ def write_checkpoint(out: Path, state: dict[str, Any], record: CheckpointRecord)
     except CheckpointException as e:
         raise CheckpointError(f"cannot write {out}: {e}") from None
     finally:
-        hasher.close()
         with contextlib.suppress(OSError):
             layout.remove_tree(tmp)
     return out
