@@ -369,7 +369,7 @@ class CheckpointManager:
             return {**listing, **dcp_io.describe_written(tmp, mine, fs)}, None
         except (OSError, RecordError) as e:
             why = fileio.describe_os_error(e) if isinstance(e, OSError) else str(e)
-            return {}, f"rank {self.rank}: cannot describe its files in {tmp}: {why}"
+            return {}, f"rank {self.rank}: cannot checksum its files in {tmp}: {why}"
 
     def _gather(self, obj: Any) -> list[Any]:
         if self.world_size == 1:
