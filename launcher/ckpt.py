@@ -114,8 +114,7 @@ def _locked(run_dir: Path):
         raise ToolError(f"{run_dir} is in use by a live job (lock {run_dir / '.lock'} is held); "
                         f"wait for it to finish or stop it first", EXIT_BAD_CHECKPOINT) from None
     except OSError as e:
-        raise ToolError(f"cannot lock {run_dir / '.lock'}: {fileio.describe_os_error(e)}",
-                        EXIT_BAD_CHECKPOINT) from None
+        raise ToolError(f"cannot lock the run directory: {fileio.describe_os_error(e)}", EXIT_BAD_CHECKPOINT) from None
     return lock
 
 
@@ -473,6 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command != "plot":
+            digest.from_env()  # a bad signing key is one message, not one per checkpoint
         return args.func(args)
     except ToolError as e:
         code, message = e.code, str(e)

@@ -71,6 +71,15 @@ def open_regular(path: Path, flags: int = os.O_RDONLY, mode: int = 0o644) -> int
     return fd
 
 
+def kind(path: Path) -> str:
+    """What is at ``path`` (not following a symlink): "regular file", "symlink", "FIFO (named pipe)", ..."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return "missing"
+    return "regular file" if stat.S_ISREG(mode) else _kind(mode)
+
+
 def is_regular(path: Path) -> bool:
     """``path`` is a regular file itself (not a symlink to one)."""
     try:

@@ -12,10 +12,24 @@ FORMAT = "%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s"
 
 
 class _LogFile(logging.FileHandler):
-    """A FileHandler that refuses a symlink or FIFO planted at the log's path (``fileio.open_append``)."""
+    """A FileHandler that refuses a symlink or FIFO planted at the log's path (``fileio.open_append``).
+
+    A write that fails (a full disk) is reported once on stderr, in one line, and the file is
+    given up; the console keeps every message. logging's default prints a traceback per record.
+    """
 
     def _open(self):
         return fileio.open_append(Path(self.baseFilename))
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            super().handleError(record)
+            return
+        if self.level != logging.CRITICAL + 1:
+            sys.stderr.write(f"cannot write the log file {self.baseFilename}: {fileio.describe_os_error(error)}; "
+                             f"logging to the console only\n")
+            self.setLevel(logging.CRITICAL + 1)
 
 
 def setup(rank: int, level: str | None = None, run_dir: Path | None = None) -> None:

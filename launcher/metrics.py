@@ -47,6 +47,13 @@ def read_records(run_dir: Path) -> list[dict[str, Any]]:
     return [rec for rec in map(_parse, lines) if rec is not None]
 
 
+def _problem(verb: str, path: Path, e: OSError) -> fileio.FileProblem:
+    """An error that names the file once and says what to do."""
+    if isinstance(e, fileio.FileProblem):
+        return e
+    return fileio.FileProblem(f"cannot {verb} {path}: {fileio.describe_os_error(e).removeprefix(f'{path}: ')}")
+
+
 class MetricsLog:
     """Rank 0's writer (a no-op on other ranks). OSError messages name the file and what to do."""
 
@@ -64,14 +71,14 @@ class MetricsLog:
         except FileNotFoundError:
             return 0
         except OSError as e:
-            raise fileio.FileProblem(f"cannot read {self.path}: {fileio.describe_os_error(e)}") from None
+            raise _problem("read", self.path, e) from None
         kept = [line for line in lines if (rec := _parse(line)) is not None and rec["step"] <= step]
         dropped = len([line for line in lines if line.strip()]) - len(kept)
         if dropped:
             try:
                 fileio.atomic_write(self.path, "".join(f"{k}\n" for k in kept).encode())
             except OSError as e:
-                raise fileio.FileProblem(f"cannot rewrite {self.path}: {fileio.describe_os_error(e)}") from None
+                raise _problem("rewrite", self.path, e) from None
         return dropped
 
     def write(self, record: dict[str, Any]) -> None:
@@ -83,7 +90,7 @@ class MetricsLog:
             self._f.write(json.dumps(record) + "\n")
             self._f.flush()
         except OSError as e:
-            raise fileio.FileProblem(f"cannot write {self.path}: {fileio.describe_os_error(e)}") from None
+            raise _problem("write", self.path, e) from None
 
     def close(self) -> None:
         if self._f is not None:

@@ -153,7 +153,7 @@ class Job:
                               f"is held). Wait for it to finish or stop it, or choose another --run-dir.")
             except OSError as e:
                 self._lock = None
-                outcome[0] = f"cannot lock {self.run_dir / '.lock'}: {fileio.describe_os_error(e)}"
+                outcome[0] = f"cannot lock the run directory: {fileio.describe_os_error(e)}"
         if self.ctx.world_size > 1:
             dist.broadcast_object_list(outcome, src=0, group=self.ctx.ckpt_group)
         if outcome[0]:

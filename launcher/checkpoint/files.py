@@ -248,8 +248,7 @@ def _check_files(directory: Path, m: Manifest, scheme: digest.Scheme, deep: bool
             problems.append(f"{path}: unreadable ({e.strerror or e})")
             continue
         if not fileio.is_regular(path):
-            kind = "a symlink" if path.is_symlink() else "not a regular file"
-            problems.append(f"{path}: is {kind}, not a file written by the save")
+            problems.append(f"{path}: is a {fileio.kind(path)}, not a file written by the save")
         elif st_size != size:
             problems.append(f"{path}: size {st_size} bytes, manifest says {size} (truncated or overwritten)")
         elif deep:

@@ -8,6 +8,7 @@ with the restricted unpickler and values with ``weights_only=True`` (``dcp_io.py
 from __future__ import annotations
 
 import contextlib
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,10 @@ def load_full(path: Path, keys: list[str] | None = None) -> dict[str, Any]:
     """The whole saved state (or only the top-level ``keys``) of a verified checkpoint."""
     require_verified(path)
     state: dict[str, Any] = {}
+    try:
+        dcp_io.SafeFileSystemReader(str(path)).read_metadata()  # refused here, before torch logs its fallbacks
+    except (pickle.UnpicklingError, OSError, EOFError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read its DCP index: {e}") from None
     try:
         # dcp.load() fills only keys its argument already has; this is the call torch's own
         # dcp_to_torch_save makes to rebuild a state dict from nothing.
