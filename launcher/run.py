@@ -10,9 +10,9 @@ Usage::
 Run the same command again after any failure: it resumes from the latest verified
 checkpoint in ``--run-dir`` and ends bit-for-bit where an uninterrupted run would.
 
-Exit codes: 0 done, 2 bad command line or config, 3 checkpoint problem (none valid,
-architecture mismatch, run directory in use), 75 preempted after a checkpoint
-(see ``launcher/exit_codes.py``).
+Exit codes (the same as the ``ckpt`` tools', ``launcher/exit_codes.py``): 0 done, 2 bad command
+line, config or data, 3 checkpoint or run-directory problem (none valid, architecture mismatch,
+run directory in use, read-only or full), 75 preempted after a checkpoint.
 """
 
 from __future__ import annotations

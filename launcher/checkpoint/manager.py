@@ -155,7 +155,7 @@ class CheckpointManager:
                 raise CheckpointError(
                     f"--resume none, but {self.root} already holds {len(found)} checkpoint(s) "
                     f"(newest: {found[0]}). Starting fresh would overwrite them. Use --resume auto "
-                    f"to continue, or choose a new --run-dir.", exit_codes.CONFIG_ERROR)
+                    f"to continue, or choose a new --run-dir.")
             return None
         if resume == "best":
             return self._resolve_path(str(self._best_path()), "--resume best")
