@@ -104,6 +104,36 @@ def test_wall_clock_trigger_with_fake_clock_and_retention_on_disk(tmp_path):
     assert sorted(p.name for p in m.root.iterdir()) == sorted([*present, meta.META])
 
 
+def test_milestones_and_unverifiable_checkpoints_on_disk(tmp_path, caplog):
+    """A milestone (issue 12's stage boundaries) is always kept; a corrupt older checkpoint never
+    counts toward keep_last and goes, with a warning, while the verified ones stay."""
+    import logging
+    m = manager(tmp_path / "run", keep_last=2)
+    for step in (10, 20, 30):
+        info = make_info(step)
+        if step == 10:
+            info["milestone"] = "meta-training done"
+        m.save(step, make_state(step), info)
+    (ckpt(tmp_path / "run", 20) / "__0_0.distcp").write_bytes(b"corrupt")
+    m2 = manager(tmp_path / "run", keep_last=2)  # a restart: the last resume's findings count
+    assert m2.resolve("auto") == ckpt(tmp_path / "run", 30)
+    (ckpt(tmp_path / "run", 30) / "__0_0.distcp").write_bytes(b"x")
+    m3 = manager(tmp_path / "run", keep_last=2)
+    with caplog.at_level(logging.DEBUG, logger="launcher.checkpoint"):
+        assert m3.resolve("auto") == ckpt(tmp_path / "run", 10)  # 30 and 20 do not verify
+        m3.save(40, make_state(40), make_info(40))
+        m3.close()
+    assert layout.scan(m3.root) == [N(40), N(10)]  # 30, 20: unverifiable, gone; 10: the milestone
+    assert "Retention: deleting step_00000030, which does not verify" in caplog.text
+    m4 = manager(tmp_path / "run", keep_last=2)
+    m4.resolve("auto")
+    for step in (50, 60):
+        m4.save(step, make_state(step), make_info(step))
+    m4.close()
+    assert layout.scan(m4.root) == [N(60), N(50), N(10)]  # the milestone outlives keep_last
+    assert json.loads((ckpt(tmp_path / "run", 10) / "checkpoint.json").read_text())["milestone"] == "meta-training done"
+
+
 def test_best_mode_max_and_configured_metric(tmp_path):
     m = manager(tmp_path / "run", keep_last=2, best_metric="acc", best_mode="max")
     for step, acc in ((10, 0.5), (20, 0.9), (30, 0.7), (40, 0.8)):
