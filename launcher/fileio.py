@@ -134,6 +134,13 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+def _named(e: OSError, path: Path) -> OSError:
+    """``e`` with ``path`` as its file name, so that the message says which file (``os.write`` gives none)."""
+    if e.filename is None and e.errno is not None and not isinstance(e, FileProblem):
+        return OSError(e.errno, e.strerror, str(path))
+    return e
+
+
 def write_new(path: Path, data: bytes, durable: bool = True) -> None:
     """Create ``path`` (which must not exist: never follows or reuses anything there) with ``data``."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
@@ -141,6 +148,8 @@ def write_new(path: Path, data: bytes, durable: bool = True) -> None:
         _write_all(fd, data)
         if durable:
             os.fsync(fd)
+    except OSError as e:
+        raise _named(e, path) from None
     finally:
         os.close(fd)
 
@@ -165,9 +174,11 @@ def atomic_file(path: Path, durable: bool = True):
             if durable:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise _named(e, path) from None
         raise
     if durable:
         fsync_path(path.parent)

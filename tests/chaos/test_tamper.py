@@ -501,7 +501,10 @@ def test_full_disk_during_a_save_says_so_every_time(trained, tmp_path):
     train_args = _train_args(run_dir, "--set", "train.max_steps=8")
     outs = in_namespace(f"mount -t tmpfs -o size=4m none {mnt}; cp -a {trained} {run_dir}",
                         [["fill", str(mnt / "filler"), "24576"], train_args, train_args,
+                         ["ckpt", "verify", str(run_dir)], ["fill", str(mnt / "filler2"), "0"], train_args,
                          ["ckpt", "verify", str(run_dir)]])
-    for out in outs[1:3]:
+    for out in outs[1:3]:  # a save fails
         check(out, 3, "No space left on device", "free")
-    check(outs[3], 0, f"OK   {run_dir / 'checkpoints' / N(6)}")
+    check(outs[5], 3, "No space left on device")  # no room at all: a file of the start, or the save, fails
+    for out in (outs[3], outs[6]):
+        check(out, 0, f"OK   {run_dir / 'checkpoints' / N(6)}", f"OK   {run_dir / 'checkpoints' / N(2)}")
