@@ -238,15 +238,20 @@ def plan_retention(entries: list[Entry], newest: str, keep_last: int, keep_every
     return doomed
 
 
-def survey(root: Path, below: int, known: dict[str, bool] | None = None, deep: bool = False) -> list[Entry]:
+def survey(root: Path, below: int, known: dict[str, bool] | None = None, deep: bool = False,
+           cache: dict[str, Entry] | None = None) -> list[Entry]:
     """Retention's view of every checkpoint older than step ``below`` (symlinks are never entries).
 
     Args:
         known: verification outcomes already established in this process (name -> ok).
         deep: recompute digests of the others (``ckpt prune``); otherwise they are checked by
             manifest, signature, names, types and sizes (cheap, once per save).
+        cache: entries surveyed before by this process, reused as they are (a checkpoint does
+            not change once written) and updated; keeps each save's survey short in a run
+            that keeps hundreds of milestones.
     """
     known = known or {}
+    cache = {} if cache is None else cache
     expected = run_id(root)
     out = []
     for name in scan(root):
@@ -254,15 +259,24 @@ def survey(root: Path, below: int, known: dict[str, bool] | None = None, deep: b
         path = root / name
         if step >= below or path.is_symlink():
             continue
-        v = None if name in known else files.verify(path, deep=deep, expected_run=expected)
-        record = v.record if v is not None else None
-        if record is None:
-            try:
-                record = read_record(path)
-            except RecordError:
-                record = None
-        out.append(Entry(name, step, known[name] if v is None else v.ok, record.milestone if record else None))
+        if name not in cache or (name in known and cache[name].verified != known[name]):
+            cache[name] = _entry(path, step, known.get(name), deep, expected)
+        out.append(cache[name])
+    for gone in set(cache) - {e.name for e in out}:
+        if step_of(gone) is not None and step_of(gone) < below:
+            del cache[gone]
     return out
+
+
+def _entry(path: Path, step: int, known: bool | None, deep: bool, expected: str | None) -> Entry:
+    v = None if known is not None else files.verify(path, deep=deep, expected_run=expected)
+    record = v.record if v is not None else None
+    if record is None:
+        try:
+            record = read_record(path)
+        except RecordError:
+            record = None
+    return Entry(path.name, step, known if v is None else v.ok, record.milestone if record else None)
 
 
 def next_best(root: Path, old: meta.Best | None, name: str, record: CheckpointRecord, metric: str,

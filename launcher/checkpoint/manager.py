@@ -79,6 +79,7 @@ class CheckpointManager:
         self.scheme = digest.from_env()
         self.run_id = ""  # this run directory's identity, bound into every manifest (set by prepare)
         self._known: dict[str, bool] = {}  # verification outcomes established by this process
+        self._surveyed: dict[str, layout.Entry] = {}  # retention's view of older checkpoints, reused
         self._last_save_time = clock()
         self._last_saved_step: int | None = None
         self._requested = False
@@ -407,6 +408,7 @@ class CheckpointManager:
         faults.hit("after_manifest", record.step, self.rank)
         layout.install(self.root, tmp, name, durable=False)  # publish's fsync of the directory covers the rename
         self._known[name] = True
+        self._surveyed.pop(name, None)
         faults.hit("after_rename", record.step, self.rank)
         self._publish(name, record)
 
@@ -415,7 +417,7 @@ class CheckpointManager:
         self._wait_deleting()
         old, _ = meta.read_meta(self.root)
         best = layout.next_best(self.root, old.best if old else None, name, record, self.best_metric, self.best_mode)
-        entries = layout.survey(self.root, below=record.step, known=self._known)
+        entries = layout.survey(self.root, below=record.step, known=self._known, cache=self._surveyed)
         doomed = layout.plan_retention(entries, name, self.cfg.keep_last, self.cfg.keep_every,
                                        best.name if best else None)
         layout.publish(self.root, name, record, self.world_size, best, doomed)
