@@ -1,7 +1,9 @@
 """The checkpoint manager: when to save, where, how to verify, what to keep, how to load.
 
 Trainers only expose ``state_dict()`` / ``load_state_dict()``; everything about checkpoint
-files lives here.
+files lives in this package, and the rules of the checkpoints directory (names, the resume
+choice, retention, the commit steps) in :mod:`launcher.checkpoint.layout`, which the manager
+calls on rank 0 like the offline tools do.
 
 A save, synchronous or in the background, goes through the same steps (the directory rules
 are :mod:`launcher.checkpoint.layout`'s, shared with the offline tools):
