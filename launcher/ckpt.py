@@ -12,13 +12,16 @@ Usage::
     python -m launcher.ckpt diff A B               # config and metric differences
     python -m launcher.ckpt plot RUN_DIR [--out PNG]  # redraw the loss plot of the whole run
 
-(also installed as ``ftlaunch-ckpt``). Exit codes: 0 done; 1 a checkpoint failed verification
-(``verify``) or could not be used; 2 bad command line or input.
+(also installed as ``ftlaunch-ckpt``). Exit codes, the same as ``launcher/run.py``'s
+(``launcher/exit_codes.py``): 0 done; 2 bad command line or input (a path that does not exist,
+a bad value, an output that exists); 3 a checkpoint does not verify or cannot be used, or the
+run directory cannot be used (locked by a live job, read-only, full); 1 only for an unexpected
+internal error (a bug: please report the traceback).
 
 Nothing here modifies an existing checkpoint: ``set-lr`` writes a new one, ``prune`` deletes
-only checkpoints older than the newest verified one (never the best) and refuses a run
-directory that a live job holds. Checkpoints are read with torch's safe unpickler, but DCP's
-``.metadata`` is itself a pickle: only use these tools on checkpoints you trust.
+only checkpoints older than the newest verified one (never the best or a milestone) and
+refuses a run directory that a live job holds. Every checkpoint is verified before anything
+in it is read, and DCP's ``.metadata`` pickle is read with a restricted unpickler.
 
 Adding a subcommand: write ``def cmd_NAME(args) -> int`` and decorate it with
 ``@command("NAME", help, arguments...)``; ``main`` builds the parser from the registry.
@@ -29,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,11 +41,13 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from launcher import epochs
-from launcher.checkpoint import files, find, meta
+from launcher import epochs, exit_codes, fileio
+from launcher.checkpoint import digest, files, find, layout, meta
 from launcher.checkpoint.files import CheckpointError
+from launcher.checkpoint.record import CheckpointRecord, RecordError, read_record
+from launcher.config import MIN_KEEP_LAST
 
-EXIT_OK, EXIT_BAD_CHECKPOINT, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_USAGE, EXIT_BAD_CHECKPOINT = exit_codes.OK, exit_codes.CONFIG_ERROR, exit_codes.CHECKPOINT_ERROR
 
 
 class ToolError(Exception):
@@ -94,11 +98,11 @@ def _human(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-def _info(path: Path) -> dict[str, Any]:
+def _record_or_none(path: Path) -> CheckpointRecord | None:
     try:
-        return files.read_info(path)
-    except (OSError, ValueError) as e:
-        return {"_error": f"{path / files.INFO}: unreadable ({e})"}
+        return read_record(path)
+    except RecordError:
+        return None
 
 
 def _locked(run_dir: Path):
@@ -109,12 +113,40 @@ def _locked(run_dir: Path):
         lock.acquire(timeout=0)
     except Timeout:
         raise ToolError(f"{run_dir} is in use by a live job (lock {run_dir / '.lock'} is held); "
-                        f"wait for it to finish or stop it first") from None
+                        f"wait for it to finish or stop it first", EXIT_BAD_CHECKPOINT) from None
+    except OSError as e:
+        raise ToolError(f"cannot lock the run directory: {fileio.describe_os_error(e)}", EXIT_BAD_CHECKPOINT) from None
     return lock
 
 
 def _fmt(v: Any) -> str:
     return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def _root(path: Path) -> Path:
+    try:
+        return layout.checkpoints_root(path)
+    except CheckpointError as e:
+        raise ToolError(str(e), e.code) from None
+
+
+def _checkpoint(path: Path) -> Path:
+    try:
+        return find.resolve_checkpoint(path)
+    except CheckpointError as e:
+        raise ToolError(str(e), e.code) from None
+
+
+def _verified(path: Path) -> files.Verification:
+    try:
+        return find.require_verified(path)
+    except CheckpointError as e:
+        raise ToolError(str(e), e.code) from None
+
+
+def _check(path: Path, deep: bool = True) -> files.Verification:
+    """Verify ``path`` against the run it sits in (its run identity from ``meta.json``)."""
+    return files.verify(path, deep=deep, expected_run=layout.run_id(path.parent))
 
 
 # ---------------------------------------------------------------------------- list
@@ -124,64 +156,59 @@ def _fmt(v: Any) -> str:
          arg("--fast", action="store_true", help="check presence and sizes only, not checksums"))
 def cmd_list(args: argparse.Namespace) -> int:
     root = _root(args.run_dir)
-    m, why = meta.read_meta(root)
-    best = ((m or {}).get("best") or {}).get("name") if isinstance((m or {}).get("best"), dict) else None
-    latest = (m or {}).get("latest")
+    m, notes = meta.read_meta(root)
+    best = m.best.name if m and m.best else None
+    latest = m.latest if m else None
     rows = [("name", "step", "epoch", "size", "verified", "notes")]
-    for name in meta.scan(root):
+    for name in layout.scan(root):
         path = root / name
-        check = files.verify(path, deep=not args.fast)
-        info = _info(path)
-        notes = [n for n, on in (("best", name == best), ("latest", name == latest)) if on]
-        if info.get("milestone"):
-            notes.append(f"milestone: {info['milestone']}")
+        check = _check(path, deep=not args.fast)
+        record = check.record or _record_or_none(path)
+        marks = [n for n, on in (("best", name == best), ("latest", name == latest)) if on]
+        if record and record.milestone:
+            marks.append(f"milestone {record.milestone!r}")
         if not check.ok:
-            notes.append(check.problems[0] + (f" (+{len(check.problems) - 1} more)" if len(check.problems) > 1 else ""))
-        rows.append((name, str(info.get("step", "?")), str(epochs.of_info(info)), _human(files.dir_size(path)),
-                     "yes" if check.ok else "NO", ", ".join(notes)))
+            more = f" (+{len(check.problems) - 1} more)" if len(check.problems) > 1 else ""
+            marks.append(check.problems[0] + more)
+        rows.append((name, str(record.step) if record else "?", str(epochs.of_record(record)) if record else "?",
+                     _human(files.dir_size(path)), "yes" if check.ok else "NO", ", ".join(marks)))
     for p in sorted(root.iterdir()):
-        if p.name.startswith(meta.TMP_PREFIX):
+        if p.name.startswith(layout.TMP_PREFIX):
             rows.append((p.name, "-", "-", "-", "NO", "interrupted save; removed at the next start"))
+        elif p.name.startswith(layout.DELETING_PREFIX):
+            rows.append((p.name, "-", "-", "-", "NO", "being deleted by retention; removed at the next start"))
     if len(rows) == 1:
         print(f"{root}: no checkpoints")
         return EXIT_OK
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r[:5], widths, strict=True)) + "  " + r[5])
-    if m is None:
-        print(f"note: {why}")
+    for note in notes:
+        print(f"note: {note}")
     return EXIT_OK
-
-
-def _root(path: Path) -> Path:
-    try:
-        return find.checkpoints_root(path)
-    except CheckpointError as e:
-        raise ToolError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------- verify
 
-@command("verify", "check checksums; exit 0 if every checkpoint verifies, 1 naming each bad file",
+@command("verify", "check checksums; exit 0 if every checkpoint verifies, 3 naming each bad file",
          arg("path", type=Path, help="a checkpoint directory, or a run directory (checks all of them)"))
 def cmd_verify(args: argparse.Namespace) -> int:
     path = args.path
     if not path.exists():
         raise ToolError(f"{path}: no such file or directory")
-    if find.is_checkpoint(path):
+    if layout.is_checkpoint_dir(path):
         targets = [path]
     else:
         root = _root(path)
-        targets = [root / n for n in meta.scan(root)]
-        _, notes = meta.candidates(root)
-        for note in notes:
+        targets = [root / n for n in layout.scan(root)]
+        for note in layout.candidates(root)[1]:
             print(f"note: {note}")
         if not targets:
             print(f"{root}: no checkpoints to verify")
             return EXIT_BAD_CHECKPOINT
     bad = 0
     for target in targets:
-        check = files.verify(target)
+        check = _check(target)
         if check.ok:
             print(f"OK   {target}")
             continue
@@ -199,44 +226,38 @@ def cmd_verify(args: argparse.Namespace) -> int:
          arg("--json", action="store_true", help="print checkpoint.json as JSON"))
 def cmd_inspect(args: argparse.Namespace) -> int:
     path = _checkpoint(args.path)
-    info = files.read_info(path)
-    check = files.verify(path)
+    check = _check(path)
+    try:
+        record = check.record or read_record(path)
+    except RecordError as e:
+        raise ToolError(f"cannot inspect {path}: {e}", EXIT_BAD_CHECKPOINT) from None
     if args.json:
-        print(json.dumps({**info, "path": str(path), "verified": check.ok, "problems": check.problems}, indent=2))
+        print(json.dumps({**record.to_json(), "path": str(path), "verified": check.ok, "problems": check.problems},
+                         indent=2))
         return EXIT_OK
     import yaml
     print(f"checkpoint  {path}")
     print(f"verified    {'yes' if check.ok else 'NO: ' + check.reason()}")
-    shown = {**info, "epoch": epochs.of_info(info)} if "step" in info else info
-    for key in ("step", "epoch", "steps_per_epoch", "world_size", "trainer", "reason", "loss"):
-        if key in shown:
-            print(f"{key:<11} {_fmt(shown[key])}")
-    for key, value in sorted((info.get("metrics") or {}).items()):
+    for key in ("step", "epoch", "steps_per_epoch", "world_size", "trainer", "reason", "loss", "milestone",
+                "init_from"):
+        value = epochs.of_record(record) if key == "epoch" else getattr(record, key)
+        if value not in (None, ""):
+            print(f"{key:<11} {_fmt(value)}")
+    for key, value in sorted(record.metrics.items()):
         print(f"{key:<11} {_fmt(value)}")
-    last = info.get("last_eval")
-    if isinstance(last, dict) and not info.get("metrics"):
+    last = record.last_eval
+    if last and not record.metrics:
         shown = "  ".join(f"{k} {_fmt(v)}" for k, v in last.items() if k != "step")
         print(f"last eval   step {last.get('step')}: {shown}")
-    for key in ("milestone", "init_from"):
-        if info.get(key):
-            print(f"{key:<11} {info[key]}")
-    history = info.get("history") or []
-    if history:
+    if record.history:
         print("recent epochs:")
-        for rec in history:
+        for rec in record.history:
             print("  " + "  ".join(f"{k} {_fmt(v)}" for k, v in rec.items()))
-    if "derived_from" in info:
-        print(f"derived     from {info['derived_from']} ({info.get('change')})")
+    if record.derived_from:
+        print(f"derived     from {record.derived_from} ({record.change})")
     print("config:")
-    print("  " + yaml.safe_dump(info.get("config", {}), sort_keys=False).rstrip().replace("\n", "\n  "))
+    print("  " + yaml.safe_dump(record.config, sort_keys=False).rstrip().replace("\n", "\n  "))
     return EXIT_OK
-
-
-def _checkpoint(path: Path) -> Path:
-    try:
-        return find.resolve_checkpoint(path)
-    except CheckpointError as e:
-        raise ToolError(str(e), EXIT_BAD_CHECKPOINT) from None
 
 
 # ---------------------------------------------------------------------------- export
@@ -251,21 +272,25 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ToolError(f"{out}: export writes a .pt file (torch.save of the model's state dict, "
                         f"loadable with torch.load(..., weights_only=True)); for model.safetensors with the "
                         f"config, metrics and normalisation statistics use: package PATH OUT_DIR")
+    if out.is_dir() or (out.is_symlink() and not args.force):
+        raise ToolError(f"{out} is a {'directory' if out.is_dir() else 'symlink'}; choose a file path")
     if out.exists() and not args.force:
         raise ToolError(f"{out} already exists; pass --force to overwrite it")
     path = _checkpoint(args.path)
+    record = _verified(path).record
     import torch
     state = _load(path, ["model"])
     weights = state.get("model")
     if not isinstance(weights, dict) or not weights:
         raise ToolError(f"{path}: no 'model' entry to export", EXIT_BAD_CHECKPOINT)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    torch.save(weights, tmp)
-    tmp.replace(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with fileio.atomic_file(out) as f:
+            torch.save(weights, f)
+    except OSError as e:
+        raise ToolError(f"cannot write {out}: {fileio.describe_os_error(e)}", EXIT_USAGE) from None
     total = sum(t.numel() for t in weights.values() if isinstance(t, torch.Tensor))
-    step = files.read_info(path).get("step")
-    print(f"wrote {out}: {len(weights)} tensors, {total} parameters, from {path} (step {step})")
+    print(f"wrote {out}: {len(weights)} tensors, {total} parameters, from {path} (step {record.step})")
     return EXIT_OK
 
 
@@ -285,6 +310,7 @@ def _load(path: Path, keys: list[str] | None = None) -> dict[str, Any]:
 def cmd_package(args: argparse.Namespace) -> int:
     from launcher.package import PackageError, write_package
     path = _checkpoint(args.path)
+    _verified(path)  # nothing of a checkpoint is loaded before it verifies
     try:
         meta = write_package(path, args.out, force=args.force)
     except PackageError as e:
@@ -311,10 +337,14 @@ def cmd_set_lr(args: argparse.Namespace) -> int:
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise ToolError(f"LR must be a finite number > 0, got {args.lr}")
     path = _checkpoint(args.path)
+    record = _verified(path).record
     suffix = f"-{args.optimizer}" if args.optimizer else ""
     out = args.out or path.parent / f"{path.name}{suffix}-lr{args.lr:g}"
-    if out.exists():
-        raise ToolError(f"{out} already exists; choose another --out")
+    offline = _offline()
+    try:
+        offline.check_output(out, record)
+    except CheckpointError as e:
+        raise ToolError(str(e), e.code) from None
     state = _load(path)
     if "lr_control" in state:
         from trainers.lr import set_lr
@@ -322,18 +352,19 @@ def cmd_set_lr(args: argparse.Namespace) -> int:
             name, entry = set_lr(state, args.lr, args.optimizer)
         except KeyError as e:
             raise ToolError(str(e.args[0])) from None
-        what = f"optimizer '{name}' lr {args.lr:g} from step {files.read_info(path).get('step')} on" + (
+        what = f"optimizer '{name}' lr {args.lr:g} from step {record.step} on" + (
             f" (schedule base {entry.override:.4g}, replacing {entry.key} = {entry.config:g})"
             if entry.next_factor != 1 else f" (replacing {entry.key} = {entry.config:g})")
     else:
         what = _set_lr_plain(state, path, args)
-    info = files.read_info(path)
-    info.update(derived_from=str(path), change=f"set-lr {what}")
+    # The record's config stays as saved: a resume compares it with the run's config, and a
+    # config change since the checkpoint would win over this edit (docs/workflows.md).
+    record.derived_from, record.change = str(path), f"set-lr {what}"
     lock = _locked(out.parent.parent) if out.parent.name == "checkpoints" else None
     try:
-        _offline().write_checkpoint(out, state, info)
-    except Exception as e:
-        raise ToolError(f"could not write {out}: {e}", EXIT_BAD_CHECKPOINT) from None
+        offline.write_checkpoint(out, state, record)
+    except CheckpointError as e:
+        raise ToolError(str(e), e.code) from None
     finally:
         if lock is not None:
             lock.release()
@@ -378,41 +409,40 @@ def _set_lr_plain(state: dict[str, Any], path: Path, args: argparse.Namespace) -
 
 @command("prune", "delete old checkpoints, keeping the newest N verified ones, the best and milestones",
          arg("run_dir", type=Path, help="run directory (or its checkpoints/ directory)"),
-         arg("--keep-last", type=int, required=True, help="checkpoints to keep, counting from the newest verified one"),
+         arg("--keep-last", type=int, required=True,
+             help=f"verified checkpoints to keep, counting from the newest verified one (>= {MIN_KEEP_LAST})"),
          arg("--keep-every", type=int, default=0, help="also keep steps that are multiples of this"),
          arg("--dry-run", action="store_true", help="only print what would be deleted"))
 def cmd_prune(args: argparse.Namespace) -> int:
-    from launcher.checkpoint.retention import milestones, select_deletions
-    if args.keep_last < 1 or args.keep_every < 0:
-        raise ToolError(f"--keep-last must be >= 1 and --keep-every >= 0, got {args.keep_last} and {args.keep_every}")
+    if args.keep_last < MIN_KEEP_LAST or args.keep_every < 0:
+        raise ToolError(f"--keep-last must be >= {MIN_KEEP_LAST} (as checkpoint.keep_last: one checkpoint alone "
+                        f"leaves nothing to fall back to) and --keep-every >= 0, got {args.keep_last} and "
+                        f"{args.keep_every}")
     root = _root(args.run_dir)
     lock = _locked(root.parent)
     try:
-        newest, _ = find.newest_verified(root)
-        if newest is None:
+        choice = layout.choose(root)
+        if choice.path is None:
             raise ToolError(f"{root}: no checkpoint verifies; refusing to delete anything", EXIT_BAD_CHECKPOINT)
+        newest = choice.path.name
         m, _ = meta.read_meta(root)
-        best = ((m or {}).get("best") or {}).get("name") if isinstance((m or {}).get("best"), dict) else None
-        present = meta.scan(root)
-        doomed = [n for n in select_deletions(present, newest.name, args.keep_last, args.keep_every, best,
-                                              keep=milestones(root, present))
-                  if not (root / n).is_symlink()]
+        entries = layout.survey(root, below=layout.step_of(newest) or 0, known={newest: True}, deep=True)
+        doomed = layout.plan_retention(entries, newest, args.keep_last, args.keep_every,
+                                       m.best.name if m and m.best else None)
         if not doomed:
-            print(f"nothing to delete (newest verified: {newest.name})")
+            print(f"nothing to delete (newest verified: {newest})")
             return EXIT_OK
+        bad = {e.name for e in entries if not e.verified}
         for name in doomed:
-            print(f"{'would delete' if args.dry_run else 'deleting'} {root / name}")
+            print(f"{'would delete' if args.dry_run else 'deleting'} {root / name}"
+                  + (" (does not verify)" if name in bad else ""))
         if args.dry_run:
             return EXIT_OK
-        if m is not None:
-            # meta.json stops naming them before they go.
-            listed = m.get("verified") if isinstance(m.get("verified"), list) else []
-            verified = [n for n in listed if n not in doomed]
-            latest = m["latest"] if m["latest"] not in doomed else newest.name
-            meta.write_meta(root, {**m, "latest": latest, "verified": verified})
-        for name in doomed:
-            shutil.rmtree(root / name)
-        print(f"deleted {len(doomed)}; kept {len(meta.scan(root))}")
+        layout.unpublish(root, doomed, newest)
+        failures = layout.delete(layout.set_aside(root, doomed))
+        if failures:
+            raise ToolError("could not delete: " + "; ".join(failures), EXIT_BAD_CHECKPOINT)
+        print(f"deleted {len(doomed)}; kept {len(layout.scan(root))}")
         return EXIT_OK
     finally:
         lock.release()
@@ -426,9 +456,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_diff(args: argparse.Namespace) -> int:
     from launcher.config import diff_configs
     a, b = _checkpoint(args.a), _checkpoint(args.b)
-    ia, ib = files.read_info(a), files.read_info(b)
+    try:
+        ia, ib = read_record(a), read_record(b)
+    except RecordError as e:
+        raise ToolError(f"cannot compare: {e}", EXIT_BAD_CHECKPOINT) from None
     print(f"A: {a}\nB: {b}")
-    changes = diff_configs(ia.get("config", {}), ib.get("config", {}))
+    changes = diff_configs(ia.config, ib.config)
     print("config:" + ("" if changes else " identical"))
     for key, (va, vb) in changes.items():
         print(f"  {key}: {va!r} -> {vb!r}")
@@ -440,11 +473,12 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _metric_rows(ia: dict, ib: dict) -> list[tuple[str, Any, Any]]:
-    ia, ib = ({**i, "epoch": epochs.of_info(i)} if "step" in i else i for i in (ia, ib))
-    rows = [(k, ia.get(k, "-"), ib.get(k, "-")) for k in ("step", "epoch", "world_size", "loss")]
-    ma, mb = ia.get("metrics") or {}, ib.get("metrics") or {}
-    rows += [(k, ma.get(k, "-"), mb.get(k, "-")) for k in sorted(set(ma) | set(mb))]
+def _metric_rows(ia: CheckpointRecord, ib: CheckpointRecord) -> list[tuple[str, Any, Any]]:
+    def value(r: CheckpointRecord, k: str) -> Any:
+        v = epochs.of_record(r) if k == "epoch" else getattr(r, k)
+        return "-" if v is None else v
+    rows = [(k, value(ia, k), value(ib, k)) for k in ("step", "epoch", "world_size", "loss")]
+    rows += [(k, ia.metrics.get(k, "-"), ib.metrics.get(k, "-")) for k in sorted(set(ia.metrics) | set(ib.metrics))]
     return rows
 
 
@@ -479,10 +513,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command != "plot":
+            digest.from_env()  # a bad signing key is one message, not one per checkpoint
         return args.func(args)
     except ToolError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.code
+        code, message = e.code, str(e)
+    except CheckpointError as e:
+        code, message = e.code, str(e)
+    except digest.KeyProblem as e:
+        code, message = EXIT_USAGE, str(e)
+    except OSError as e:
+        code, message = EXIT_BAD_CHECKPOINT, fileio.describe_os_error(e)
+    except KeyboardInterrupt:
+        code, message = 130, "interrupted"
+    print(f"error: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

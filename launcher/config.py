@@ -29,6 +29,10 @@ class ConfigError(ValueError):
         super().__init__(f"{len(problems)} problem(s) in {source}:\n{lines}")
 
 
+MIN_KEEP_LAST = 2  # one checkpoint alone leaves nothing to fall back to (also enforced by `ckpt prune`)
+MAX_SEED = 2**32 - 1  # derived seeds (seed * 1000003 + epoch, ...) must fit the 64-bit seeds of torch and numpy
+
+
 @dataclass
 class TrainConfig:
     """Settings shared by every trainer."""
@@ -49,7 +53,7 @@ class TrainConfig:
         check = Checks("train")
         check(self.max_steps >= 1, "max_steps", self.max_steps, "an integer >= 1")
         check(self.epochs >= 0, "epochs", self.epochs, "an integer >= 0")
-        check(self.seed >= 0, "seed", self.seed, "an integer >= 0")
+        check(0 <= self.seed <= MAX_SEED, "seed", self.seed, f"an integer from 0 to {MAX_SEED} (2**32 - 1)")
         check(self.log_interval >= 1, "log_interval", self.log_interval, "an integer >= 1")
         check(self.early_stop_patience >= 0, "early_stop_patience", self.early_stop_patience, "an integer >= 0")
         check(self.early_stop_min_delta >= 0, "early_stop_min_delta", self.early_stop_min_delta, "a number >= 0")
@@ -87,8 +91,8 @@ class CheckpointConfig:
         check = Checks("checkpoint")
         check(self.interval_steps >= 0, "interval_steps", self.interval_steps, "an integer >= 0")
         check(self.interval_seconds >= 0, "interval_seconds", self.interval_seconds, "a number >= 0")
-        check(self.keep_last >= 2, "keep_last", self.keep_last,
-              "an integer >= 2 (one checkpoint alone leaves nothing to fall back to)")
+        check(self.keep_last >= MIN_KEEP_LAST, "keep_last", self.keep_last,
+              f"an integer >= {MIN_KEEP_LAST} (one checkpoint alone leaves nothing to fall back to)")
         check(self.keep_every >= 0, "keep_every", self.keep_every, "an integer >= 0")
         check(self.best_mode in ("", "min", "max"), "best_mode", self.best_mode, "'min' or 'max'")
         check.done()

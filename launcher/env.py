@@ -55,6 +55,7 @@ class ClusterEnv:
     num_nodes: int = 1  # machines in the job (torchrun's GROUP_WORLD_SIZE, else SLURM's node count)
     node_name: str = ""  # this machine (SLURMD_NODENAME under SLURM, else the host name)
     preempt_signals: tuple[str, ...] = DEFAULT_PREEMPT_SIGNALS  # checkpoint and exit 75 on these
+    use_agent_store: bool = True  # torchrun/ftrun: workers use the agent's store (else rank 0 hosts one)
 
     @property
     def needs_free_port(self) -> bool:
@@ -132,7 +133,8 @@ def detect(env: Mapping[str, str] | None = None) -> ClusterEnv:
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"), master_port=_int(env, "MASTER_PORT"),
             num_nodes=_int(env, "GROUP_WORLD_SIZE", slurm_nodes if "SLURM_JOB_ID" in env else 1),
             restart_count=_int(env, "TORCHELASTIC_RESTART_COUNT"),
-            max_restarts=_int(env, "TORCHELASTIC_MAX_RESTARTS"), **common)
+            max_restarts=_int(env, "TORCHELASTIC_MAX_RESTARTS"),
+            use_agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE", "True") == "True", **common)
     if "SLURM_JOB_ID" in env and "SLURM_PROCID" in env and _int(env, "SLURM_NTASKS", 1) > 1:
         return ClusterEnv(
             kind="slurm", rank=_int(env, "SLURM_PROCID"), world_size=_int(env, "SLURM_NTASKS", 1),

@@ -10,7 +10,7 @@ carries that step's epoch: ``step_00000120`` is epoch 8 (complete), ``step_00000
 
 from __future__ import annotations
 
-from typing import Any
+from launcher.checkpoint.record import CheckpointRecord
 
 
 def of_step(step: int, steps_per_epoch: int) -> int:
@@ -28,10 +28,9 @@ def describe(step: int, steps_per_epoch: int) -> str:
     return f"epoch {epoch}, {done} of {steps_per_epoch} steps done"
 
 
-def of_info(info: dict[str, Any]) -> int | str:
-    """The epoch of a checkpoint from its ``checkpoint.json``: recomputed from step and steps per
-    epoch (checkpoints written before this numbering stored the number of completed epochs)."""
-    step, spe = info.get("step"), info.get("steps_per_epoch")
-    if isinstance(step, int) and isinstance(spe, int) and spe > 0:
-        return of_step(step, spe)
-    return info.get("epoch", "?")
+def of_record(record: CheckpointRecord) -> int:
+    """The epoch of a checkpoint from its record: recomputed from step and steps per epoch
+    (checkpoints written before this numbering stored the number of completed epochs)."""
+    if record.steps_per_epoch:
+        return of_step(record.step, record.steps_per_epoch)
+    return record.epoch

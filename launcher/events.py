@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from launcher import fileio
+
 FILE = "events.jsonl"
 
 
@@ -23,7 +25,7 @@ def append(run_dir: str | Path, kind: str, **fields: Any) -> dict[str, Any]:
     path = Path(run_dir) / FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(record, default=str) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = fileio.open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)  # no planted symlink or FIFO
     try:
         os.write(fd, line)
     finally:
@@ -32,13 +34,19 @@ def append(run_dir: str | Path, kind: str, **fields: Any) -> dict[str, Any]:
 
 
 def read(run_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / FILE
-    if not path.exists():
+    """Every event, oldest first; a missing or special file gives none, a torn line is skipped."""
+    try:
+        fd = fileio.open_regular(Path(run_dir) / FILE)
+    except OSError:
         return []
+    with os.fdopen(fd, "rb") as f:
+        lines = f.read().decode("utf-8", errors="replace").splitlines()
     out = []
-    for line in path.read_text().splitlines():
+    for line in lines:
         try:
-            out.append(json.loads(line))
+            rec = json.loads(line)
         except ValueError:
             continue  # a torn last line from a killed writer
+        if isinstance(rec, dict):
+            out.append(rec)
     return out

@@ -1,13 +1,20 @@
-"""Exit codes the launcher's processes use, so agents and job scripts can tell them apart.
+"""Exit codes of ``launcher/run.py`` and of every ``python -m launcher.ckpt`` subcommand.
+
+Agents and job scripts tell outcomes apart by them; the two programs use the same table.
 
 =====  ==================================================================================
 code   meaning
 =====  ==================================================================================
-0      training finished (``train.max_steps`` reached)
-2      bad command line or configuration: fix the input, restarting will not help
-3      checkpoint problem: no valid checkpoint, architecture mismatch, run directory in use
+0      done: training finished (``train.max_steps`` reached), or the tool did its work
+1      an unexpected internal error (a bug: the traceback says where; please report it)
+2      bad command line, configuration, data or input path (a value out of range, a path
+       that does not exist, an output that already exists, a bad signing key): fix the
+       input, restarting will not help
+3      checkpoint or run-directory problem: no checkpoint verifies, architecture mismatch,
+       a checkpoint's index refused, the run directory in use by a live job, read-only or
+       full (the message names the file); ``ckpt verify``: a checkpoint does not verify
 75     preempted: a verified checkpoint was written on SIGTERM/SIGUSR1; requeue the job
-130    interrupted (Ctrl-C, SIGINT): stopped at once; run the same command to resume
+130    interrupted (Ctrl-C, SIGINT): stopped at once; run the same command to resume (``run.py`` and ``ckpt``)
 =====  ==================================================================================
 """
 

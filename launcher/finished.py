@@ -16,16 +16,16 @@ from __future__ import annotations
 import contextlib
 import io
 from pathlib import Path
-from typing import Any
 
+from launcher.checkpoint.record import CheckpointRecord
 from launcher.config import TrainConfig
 
 
-def check(train: TrainConfig, info: dict[str, Any], path: Path) -> str | None:
+def check(train: TrainConfig, info: CheckpointRecord, path: Path) -> str | None:
     """The "already finished" message if checkpoint ``path`` (its ``checkpoint.json`` is ``info``)
     reached the target of ``train``, else None."""
-    step, spe = info.get("step"), info.get("steps_per_epoch")
-    if not isinstance(step, int) or not isinstance(spe, int) or spe < 1:
+    step, spe = info.step, info.steps_per_epoch
+    if spe is None:
         return None
     if step < train.total_steps(spe):
         return None
@@ -44,6 +44,7 @@ def check_command(script: str, script_args: list[str], module: bool = False) -> 
     """
     from launcher import run as run_py
     from launcher.checkpoint import files, meta
+    from launcher.checkpoint.record import RecordError, read_record
     from launcher.config import ConfigError, load_config
 
     ours = script == "launcher.run" if module else _same_file(script, run_py.__file__)
@@ -65,9 +66,9 @@ def check_command(script: str, script_args: list[str], module: bool = False) -> 
     if latest is None:
         return None
     try:
-        path = meta.safe_path(root, latest["latest"])
-        info = files.read_info(path)
-    except (meta.UnsafeEntry, OSError, ValueError):
+        path = meta.safe_path(root, latest.latest)
+        info = read_record(path)
+    except (meta.UnsafeEntry, OSError, RecordError):
         return None
     message = check(train, info, path)
     return message if message and files.verify(path).ok else None

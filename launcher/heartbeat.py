@@ -3,7 +3,10 @@
 The agent sets ``FTRUN_PROGRESS_FILE`` (read through :mod:`launcher.env`) to a per-rank path
 containing ``{rank}``. Each rank rewrites that small JSON file when it completes a step or
 starts a long activity (``saving``, ``evaluating``), so a slow save or evaluation is not
-taken for a hang. Writes are atomic (rename) and throttled; with no agent this does nothing.
+taken for a hang. Writes are atomic (a fresh temporary file renamed over the report, so a
+symlink planted at the report's path or next to it is never followed) and throttled; with no
+agent this does nothing. A report that cannot be written is logged once and training goes on:
+the agent then judges the rank by its other reports, or not at all.
 
 A rank that reports also prints all its threads' Python stacks on SIGUSR2 (faulthandler):
 the agent sends it when it finds the rank hung, before restarting it, so the log shows
@@ -14,9 +17,15 @@ from __future__ import annotations
 
 import faulthandler
 import json
+import logging
 import os
 import signal
 import time
+from pathlib import Path
+
+from launcher import fileio
+
+log = logging.getLogger("launcher")
 
 
 class Heartbeat:
@@ -26,6 +35,7 @@ class Heartbeat:
         self.min_interval = min_interval
         self._last = (None, None, 0.0)
         self._first_step: int | None = None  # the step this process started (resumed) from
+        self._failed = False
         if self.path and hasattr(signal, "SIGUSR2"):
             faulthandler.register(signal.SIGUSR2, all_threads=True)
 
@@ -43,8 +53,12 @@ class Heartbeat:
         if activity == last_activity and now - last_time < self.min_interval and not first_progress:
             return
         self._last = (step, activity, now)
-        tmp = f"{self.path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"rank": self.rank, "step": step, "activity": activity, "time": now, "pid": os.getpid(),
-                       "first_step": self._first_step}, f)
-        os.replace(tmp, self.path)
+        report = {"rank": self.rank, "step": step, "activity": activity, "time": now, "pid": os.getpid(),
+                  "first_step": self._first_step}
+        try:
+            fileio.atomic_write(Path(self.path), json.dumps(report).encode(), durable=False)
+        except OSError as e:
+            if not self._failed:
+                log.warning("Cannot write the progress report %s for the agent: %s", self.path,
+                            fileio.describe_os_error(e))
+            self._failed = True

@@ -14,6 +14,8 @@ import os
 import sys
 from pathlib import Path
 
+from launcher import fileio
+
 FORMAT = "%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s"
 DATEFMT = "%Y-%m-%d %H:%M:%S"
 FILE_ONLY = {"file_only": True}  # pass as ``extra=`` to keep a record off the console
@@ -26,6 +28,27 @@ def rank_log(run_dir: Path, rank: int) -> Path:
 class _NotFileOnly(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not getattr(record, "file_only", False)
+
+
+class _LogFile(logging.FileHandler):
+    """A FileHandler that refuses a symlink or FIFO planted at the log's path (``fileio.open_append``).
+
+    A write that fails (a full disk) is reported once on stderr, in one line, and the file is
+    given up; the console keeps every message. logging's default prints a traceback per record.
+    """
+
+    def _open(self):
+        return fileio.open_append(Path(self.baseFilename))
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            super().handleError(record)
+            return
+        if self.level != logging.CRITICAL + 1:
+            sys.stderr.write(f"cannot write the log file {self.baseFilename}: {fileio.describe_os_error(error)}; "
+                             f"logging to the console only\n")
+            self.setLevel(logging.CRITICAL + 1)
 
 
 def setup(rank: int, level: str | None = None, run_dir: Path | None = None) -> None:
@@ -74,7 +97,7 @@ def attach_file(rank: int, run_dir: Path, level: str | None = None) -> Path:
     if any(isinstance(h, logging.FileHandler) and h.baseFilename == os.path.abspath(path) for h in root.handlers):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    fh = logging.FileHandler(path)
+    fh = _LogFile(path)
     fh.setFormatter(logging.Formatter(FORMAT.format(rank=rank), datefmt=DATEFMT))
     fh.setLevel(_file_level(level))
     for pending in [h for h in root.handlers if isinstance(h, _Pending)]:

@@ -38,8 +38,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from launcher.checkpoint import files
 from launcher.checkpoint.files import CheckpointError
+from launcher.checkpoint.record import read_record
 from launcher.config import load_config
 from trainers import resolve_trainer
 
@@ -71,7 +71,7 @@ def write_package(checkpoint: Path, out_dir: Path, force: bool = False) -> dict[
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise PackageError(f"{out_dir} already exists; choose a new directory or pass --force to replace it")
-    info = files.read_info(checkpoint)
+    info = read_record(checkpoint).to_json()  # trainers' package_meta read it as plain JSON
     config = info.get("config") or {}
     cls = resolve_trainer(info.get("trainer") or config.get("trainer", ""))
     state = load_full(checkpoint, list(getattr(cls, "package_keys", ("model",))))

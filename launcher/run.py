@@ -14,9 +14,10 @@ Rerunning a finished run says so and changes nothing. Ctrl-C stops at once with 
 (``Interrupted at step N; latest verified checkpoint step M; ...``); a lost peer process or
 node ends this one with one line too. Their tracebacks go to ``RUN_DIR/logs/rank<N>.log``.
 
-Exit codes: 0 done (or already done), 2 bad command line or config, 3 checkpoint problem (none
-valid, architecture mismatch, run directory in use), 75 preempted after a checkpoint, 130
-interrupted (see ``launcher/exit_codes.py``).
+Exit codes (the same as the ``ckpt`` tools', ``launcher/exit_codes.py``): 0 done (or already
+done), 2 bad command line, config or data, 3 checkpoint or run-directory problem (none valid,
+architecture mismatch, run directory in use, read-only or full), 75 preempted after a
+checkpoint, 130 interrupted.
 """
 
 from __future__ import annotations

@@ -9,32 +9,18 @@ own those files.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from launcher import events, metrics
-from launcher.checkpoint.meta import META
+from launcher.checkpoint.meta import read_meta
 
 #: Record keys that describe a record rather than measure something.
 NOT_METRICS = frozenset({"step", "epoch", "time"})
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """Records of ``metrics.jsonl``, skipping a torn last line from a killed writer."""
-    path = Path(run_dir) / metrics.FILE
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get("step"), int):
-            out.append(rec)
-    return out
+read_metrics = metrics.read_records  # the one reader of metrics.jsonl
 
 
 def is_eval(record: dict[str, Any]) -> bool:
@@ -117,9 +103,6 @@ def outages(evs: list[dict[str, Any]]) -> int:
 
 
 def checkpoint_meta(run_dir: Path) -> dict[str, Any]:
-    """``checkpoints/meta.json`` (empty if missing or unreadable)."""
-    try:
-        meta = json.loads((Path(run_dir) / "checkpoints" / META).read_text())
-    except (OSError, ValueError):
-        return {}
-    return meta if isinstance(meta, dict) else {}
+    """``checkpoints/meta.json`` as a dict (empty if missing or unreadable), read by its one reader."""
+    m, _ = read_meta(Path(run_dir) / "checkpoints")
+    return m.to_json() if m is not None else {}

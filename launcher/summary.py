@@ -9,12 +9,11 @@ figures ``ftrun`` prints at exit), the agents' restarts when ``ftrun`` recorded 
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
-from launcher import goodput
+from launcher import fileio, goodput
 from launcher.plots import is_loss_like
 from launcher.runfiles import agent_report, checkpoint_meta, is_eval, read_metrics, scalars, worker_starts
 
@@ -89,9 +88,7 @@ def _checkpoints(run_dir: Path) -> dict[str, Any]:
 def write(run_dir: Path, summary: dict[str, Any]) -> Path:
     """Write ``summary.json`` atomically (a reader never sees half of it)."""
     path = Path(run_dir) / FILE
-    tmp = path.with_name(f".{FILE}.tmp")
-    tmp.write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    fileio.atomic_write(path, (json.dumps(summary, indent=2, sort_keys=False) + "\n").encode(), durable=False)
     return path
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
@@ -17,10 +18,11 @@ import yaml
 from filelock import FileLock, Timeout
 
 from launcher import dist as ldist
-from launcher import endings, epochs, events, exit_codes, finished, logs, observers, rng
+from launcher import endings, epochs, events, exit_codes, fileio, finished, logs, observers, rng
 from launcher import env as cluster_env
 from launcher.checkpoint import files, find
 from launcher.checkpoint.manager import CheckpointError, CheckpointManager
+from launcher.checkpoint.record import CheckpointRecord, RecordError, read_record
 from launcher.config import RunConfig, diff_configs, flatten
 from launcher.early_stop import EarlyStopping
 from launcher.heartbeat import Heartbeat
@@ -78,7 +80,11 @@ def run(cfg: RunConfig, opts: RunOptions, preempt: PreemptionFlag | None = None,
     job: Job | None = None
     try:
         ctx = ldist.init(env, timeout_s=cfg.dist.timeout_s)
-        opts.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            opts.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            log.error("Cannot use the run directory %s: %s", opts.run_dir, fileio.describe_os_error(e))
+            return exit_codes.CHECKPOINT_ERROR
         job = Job(cfg, opts, ctx, observer=observers.for_rank(ctx.is_main, cfg.train.log_interval),
                   preempt=preempt)
         return job.run()
@@ -86,13 +92,17 @@ def run(cfg: RunConfig, opts: RunOptions, preempt: PreemptionFlag | None = None,
         return endings.interrupted(env, opts.run_dir, job.step_reached if job else None, interrupt, e)
     except Exception as e:
         if opts.run_dir.is_dir():  # whatever the failure, the rank's log file has it (and what led to it)
-            logs.attach_file(env.rank, opts.run_dir, opts.log_level)
+            with contextlib.suppress(OSError):  # a read-only or full run directory: the console has it
+                logs.attach_file(env.rank, opts.run_dir, opts.log_level)
         if interrupt is not None and interrupt.raised:  # a peer stopped by the same Ctrl-C failed us first
             return endings.interrupted(env, opts.run_dir, job.step_reached if job else None, interrupt, e)
         if endings.is_peer_failure(e):
             return endings.peer_lost(env, opts.run_dir, job.step_reached if job else None, e)
         if isinstance(e, CheckpointError):
             log.error("%s", e)
+            return e.code
+        if isinstance(e, OSError):  # a run-directory file that cannot be written mid-run (disk full, ...)
+            log.error("%s", fileio.describe_os_error(e))
             return exit_codes.CHECKPOINT_ERROR
         raise
     finally:
@@ -134,12 +144,10 @@ class Job:
             self._lock_run_dir()
             self.manager.prepare()
             path = self.manager.resolve(self.opts.resume)
-            info = files.read_info(path) if path else None
+            info = self._together(lambda: self._read_record(path)) if path else None
             if info and self._already_finished(path, info):
                 return exit_codes.OK
             self._start_logs()
-            if info:
-                self._check_config(info)
             init = self._init_source() if path is None else None
             if path and self.opts.init_from:
                 log.info("--init-from %s: not used, this run already has a checkpoint to resume from",
@@ -158,9 +166,8 @@ class Job:
             else:
                 log.info("Starting fresh in %s (no checkpoint found)", self.run_dir)
                 # Metrics of an attempt that died before its first checkpoint are not part of this run.
-                self.metrics.truncate_after(0)
-            self._write_config()
-            self._record_start(path, info)
+                self._together(lambda: self.metrics.truncate_after(0))
+            self._together(lambda: (self._write_config(), self._record_start(path, info)))
             return self._loop()
         finally:
             self.manager.close()
@@ -169,7 +176,7 @@ class Job:
             if self._lock is not None:
                 self._lock.release()
 
-    def _already_finished(self, path: Path, info: dict[str, Any]) -> bool:
+    def _already_finished(self, path: Path, info: CheckpointRecord) -> bool:
         """Say so and touch nothing if the checkpoint to resume from already reached the target."""
         message = finished.check(self.cfg.train, info, path)
         if message:
@@ -182,36 +189,70 @@ class Job:
                  self.ctx.backend, self.ctx.world_size, self.ctx.device, self.ctx.env.kind, self.cfg.dist.timeout_s)
 
     def _lock_run_dir(self) -> None:
-        """Refuse a second live job on this run directory (the lock dies with its holder)."""
+        """Refuse a second live job on this run directory (the lock dies with its holder).
+
+        The holder then removes temporary files that killed writes of ours left in the run
+        directory (no other writer of ours can be active there now).
+        """
         outcome = [None]
         if self.ctx.is_main:
             self._lock = FileLock(str(self.run_dir / ".lock"))
             try:
                 self._lock.acquire(timeout=0)
+                for name in fileio.clean_leftovers(self.run_dir):
+                    log.info("Removed %s, left by an interrupted write", name)
             except Timeout:
                 self._lock = None
                 outcome[0] = (f"{self.run_dir} is in use by another live job (lock {self.run_dir / '.lock'} "
                               f"is held). Wait for it to finish or stop it, or choose another --run-dir.")
+            except OSError as e:
+                self._lock = None
+                outcome[0] = f"cannot lock the run directory: {fileio.describe_os_error(e)}"
         if self.ctx.world_size > 1:
             dist.broadcast_object_list(outcome, src=0, group=self.ctx.ckpt_group)
         if outcome[0]:
             raise CheckpointError(outcome[0])
 
-    def _check_config(self, info: dict[str, Any]) -> None:
-        saved = info.get("config", {})
+    def _together(self, step: Any) -> Any:
+        """Run one start-up ``step`` on every rank; if it fails on any rank, fail on every rank.
+
+        Each rank shares its outcome before going on, so a rank that failed (rank 0 alone writes
+        the run's files) never leaves the others waiting in a collective until the timeout.
+        """
+        error, result = None, None
+        try:
+            result = step()
+        except CheckpointError as e:
+            error = (str(e), e.code)
+        except (RecordError, OSError) as e:
+            error = (fileio.describe_os_error(e) if isinstance(e, OSError) else str(e), exit_codes.CHECKPOINT_ERROR)
+        errors = ldist.agree(error, self.ctx.ckpt_group, self.ctx.world_size)
+        if errors:
+            message, code = errors[0]
+            raise CheckpointError(message if error else f"{message} (reported by another rank)", code)
+        return result
+
+    def _read_record(self, path: Path) -> CheckpointRecord:
+        """The resume checkpoint's record, checked against this run's config."""
+        record = read_record(path)
+        self._check_config(record)
+        return record
+
+    def _check_config(self, info: CheckpointRecord) -> None:
+        saved = info.config
         changes = diff_configs(saved, self.cfg.to_dict())
         shape = getattr(self.trainer_cls, "shape_fields", ("model.",))
         bad = {k: v for k, v in changes.items() if any(k == f or k.startswith(f) for f in shape) or k == "trainer"}
         if bad:
             lines = "\n".join(f"  - {k}: checkpoint has {a!r}, config has {b!r}" for k, (a, b) in bad.items())
             raise CheckpointError(
-                f"The config changes the model's architecture relative to checkpoint {info.get('name')}:\n{lines}\n"
+                f"The config changes the model's architecture relative to checkpoint {info.name}:\n{lines}\n"
                 f"Restore these values to resume, or start a new --run-dir (use --resume PATH with "
                 f"--reset-optimizer only for weights of the same shape).")
         for k, (a, b) in changes.items():
             log.info("Config change accepted on resume: %s: %r -> %r", k, a, b)
 
-    def _resume(self, path: Path, info: dict[str, Any]) -> None:
+    def _resume(self, path: Path, info: CheckpointRecord) -> None:
         weights_only = self.opts.reset_optimizer
         template = self.trainer.state_dict(weights_only=weights_only)
         self._check_shapes(path, template)
@@ -223,17 +264,17 @@ class Job:
             template["rng"] = {own_rng: rng.capture()}
         log.info("Resuming from checkpoint: %s", path)
         state = self.manager.load(path, template)
-        step = int(info["step"])
+        step = info.step
         self._load_trainer(state, weights_only, step, self.opts.restart_schedule and not weights_only)
         self.progress = Progress.from_json(state["progress"])
         if has_rng:
             rng.restore(state["rng"][own_rng])
         else:
             log.warning("Checkpoint has no RNG state for rank %d (saved at world size %s): this rank keeps "
-                        "its fresh seed", self.ctx.rank, info.get("world_size"))
+                        "its fresh seed", self.ctx.rank, info.world_size)
         self.progress.resumed_at.append(step)
         self.manager.mark_saved(step)
-        dropped = self.metrics.truncate_after(step)
+        dropped = self._together(lambda: self.metrics.truncate_after(step))
         log.info("Resumed at step %d (%s; checkpoint %s); %d epoch record(s) restored%s; target %d steps",
                  step, epochs.describe(step, self.trainer.steps_per_epoch()), path.name, len(self.progress.history),
                  f"; dropped {dropped} metrics record(s) logged after it" if dropped else "", self.total_steps)
@@ -279,15 +320,15 @@ class Job:
         state = self.manager.load(source, template)
         self._load_trainer(state, not with_optimizer, 0, with_optimizer)
         self.progress.init_from = str(source)
-        info = files.read_info(source)
+        info = read_record(source)
         log.info("Initialised from %s (step %s of %s): %s; this run starts at step 0 with its own config, lr "
-                 "schedule and data order", source, info.get("step"), source.parent.parent,
+                 "schedule and data order", source, info.step, source.parent.parent,
                  "weights and optimizer state" if with_optimizer else "weights, fresh optimizer")
-        for k, (a, b) in diff_configs(info.get("config", {}), self.cfg.to_dict()).items():
+        for k, (a, b) in diff_configs(info.config, self.cfg.to_dict()).items():
             log.info("  differs from the source run: %s: %r -> %r", k, a, b)
         self.metrics.truncate_after(0)
         if self.ctx.is_main:
-            events.append(self.run_dir, "init_from", checkpoint=str(source), step=info.get("step"),
+            events.append(self.run_dir, "init_from", checkpoint=str(source), step=info.step,
                           optimizer=with_optimizer)
 
     def _check_shapes(self, path: Path, template: dict[str, Any]) -> None:
@@ -307,7 +348,7 @@ class Job:
                                   f"The data or config defines a different architecture; restore it or use a "
                                   f"new --run-dir.")
 
-    def _record_start(self, path: Path | None, info: dict[str, Any] | None) -> None:
+    def _record_start(self, path: Path | None, info: CheckpointRecord | None) -> None:
         env = self.ctx.env
         if env.requeue_count or env.restart_count:
             log.info("Attempt: torchrun/ftrun restart %d, SLURM requeue (SLURM_RESTART_COUNT) %d",
@@ -326,7 +367,8 @@ class Job:
 
     def _write_config(self) -> None:
         if self.ctx.is_main:
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+            text = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
+            fileio.atomic_write(self.run_dir / "config.yaml", text.encode())
 
     # ------------------------------------------------------------------ loop
 

@@ -11,9 +11,10 @@ table compares, each the median of ``--repeats`` runs:
 * ``torch.save`` of the whole state on rank 0 (no fsync: what most scripts do);
 * ``dcp.save`` (torch's distributed checkpoint, fsync on);
 * ``dcp.async_save``: the time it blocks the caller;
-* our synchronous save (DCP + fsync + CRC32 manifest + atomic rename + meta.json + retention);
+* our synchronous save (DCP + fsync + digests taken while writing + manifest + atomic rename +
+  meta.json + retention), without a key (CRC32) and with one (keyed BLAKE3, signed manifest);
 * our async save: time training is blocked, and time until the checkpoint is published;
-* verifying the checkpoint (re-reading every file for its CRC32);
+* verifying the checkpoint as a resume does (re-reading every file), CRC32 and signed;
 * the disk: writing the same number of bytes with fsync, as ``dd conv=fsync`` would.
 """
 
@@ -38,11 +39,12 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from launcher.checkpoint import files
+from launcher.checkpoint import digest, files
 from launcher.checkpoint.manager import CheckpointManager
 from launcher.config import CheckpointConfig
 
 N_PARAMS = 25  # parameter tensors in the model
+KEYED = digest.Scheme.keyed(b"benchmark key, 32 bytes long....")
 
 
 def make_state(size_mb: float, device: str = "cpu") -> dict[str, Any]:
@@ -99,7 +101,8 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_dir: 
     bench = Bench(rank, world, Path(out_dir), make_state(args.size_mb, args.device))
     for r in range(1, args.repeats + 1):
         bench.round(r)
-    bench.ours_async.close()
+    for m in (bench.ours_sync, bench.ours_signed, bench.ours_async):
+        m.close()
     if rank == 0:
         report(bench.results, bench.nbytes, world, args)
     dist.barrier()
@@ -118,10 +121,12 @@ class Bench:
         group = dist.new_group(backend="gloo")
         self.dcp_group = dist.new_group(backend="gloo")
         self.ours_sync = CheckpointManager(base / "ours_sync", CheckpointConfig(keep_last=2), rank, world, group)
+        self.ours_signed = CheckpointManager(base / "ours_signed", CheckpointConfig(keep_last=2), rank, world, group)
+        self.ours_signed.scheme = KEYED
         self.ours_async = CheckpointManager(base / "ours_async", CheckpointConfig(keep_last=2, async_save=True),
                                             rank, world, group)
-        self.ours_sync.prepare()
-        self.ours_async.prepare()
+        for m in (self.ours_sync, self.ours_signed, self.ours_async):
+            m.prepare()
         self.ours_async.save(0, state, self.info(0))  # allocates the staging buffers: not measured
         self.ours_async.wait()
 
@@ -139,6 +144,10 @@ class Bench:
         dist.barrier()
         return path
 
+    def dcp_save(self) -> None:
+        path = self.base / "dcp"
+        dcp.save(self.state, storage_writer=dcp.FileSystemWriter(str(path)), process_group=self.dcp_group)
+
     def round(self, r: int) -> None:
         state = self.state
         if self.rank == 0:
@@ -146,30 +155,38 @@ class Bench:
             torch.save(state, self.base / "torch_save.pt")
             self.record("torch.save, rank 0 (no fsync)", time.perf_counter() - start)
             (self.base / "torch_save.pt").unlink()
-        path = self.fresh("dcp")
-        self.record("dcp.save", timed(lambda: dcp.save(state, storage_writer=dcp.FileSystemWriter(str(path)),
-                                                       process_group=self.dcp_group)))
+        # The synchronous saves (all fsync their files) run in an order that rotates from one repeat
+        # to the next, so that none of them always follows the same neighbour.
+        saves = [("dcp.save", self.dcp_save),
+                 ("ours, sync", lambda: self.ours_sync.save(r, state, self.info(r), blocking=True)),
+                 ("ours, sync, signed", lambda: self.ours_signed.save(r, state, self.info(r), blocking=True))]
+        for name, save in saves[r % 3:] + saves[:r % 3]:
+            if save == self.dcp_save:
+                self.fresh("dcp")  # torch's save writes into an empty directory, removed outside the timing
+            self.record(name, timed(save))
         path, futures = self.fresh("dcp_async"), []
         self.record("dcp.async_save: blocked", timed(lambda: futures.append(dcp.async_save(
             state, storage_writer=dcp.FileSystemWriter(str(path)), process_group=self.dcp_group))))
         futures[0].result()
-        self.record("ours, sync", timed(lambda: self.ours_sync.save(r, state, self.info(r), blocking=True)))
         self.record("ours, async: blocked", timed(lambda: self.ours_async.save(r, state, self.info(r))))
         self.ours_async.wait()
         total = self.ours_async.last_save_seconds + self.ours_async.last_write_seconds
         self.record("ours, async: total", slowest(total))
         if self.rank == 0:
-            start = time.perf_counter()
-            check = files.verify(self.ours_sync.root / f"step_{r:08d}")
-            self.record("verify (CRC32 of every file)", time.perf_counter() - start)
-            if not check.ok:
-                raise RuntimeError(f"benchmark checkpoint does not verify: {check.reason()}")
+            for name, manager, scheme in (("verify (CRC32)", self.ours_sync, digest.Scheme()),
+                                          ("verify (signed, BLAKE3 keyed)", self.ours_signed, KEYED)):
+                start = time.perf_counter()
+                check = files.verify(manager.root / f"step_{r:08d}", scheme=scheme)
+                self.record(name, time.perf_counter() - start)
+                if not check.ok:
+                    raise RuntimeError(f"benchmark checkpoint does not verify: {check.reason()}")
             self.record("disk: same bytes + fsync", disk_write(self.base / "disk_probe.bin", self.nbytes))
         dist.barrier()
 
 
 def report(results: dict[str, list[float]], nbytes: int, world: int, args: argparse.Namespace) -> None:
-    med = {k: statistics.median(v) for k, v in results.items()}
+    order = ["torch.save, rank 0 (no fsync)", "dcp.save", "ours, sync", "ours, sync, signed"]
+    med = {k: statistics.median(results[k]) for k in [*order, *(k for k in results if k not in order)]}
     sync = med["ours, sync"]
     mb = nbytes / 2**20
     print(f"\nstate {mb:.0f} MB per rank (model {mb / 3:.0f} MB + AdamW) on {args.device}, world size {world}, "
@@ -181,9 +198,13 @@ def report(results: dict[str, list[float]], nbytes: int, world: int, args: argpa
         print(f"| {name:<32} | {seconds:8.3f} | {mb / seconds:7.0f} | {seconds / sync:15.1%}  |")
     blocked = med["ours, async: blocked"]
     print(f"\nasync blocked / sync save: {blocked / sync:.1%} (target <= 10%)")
-    print(f"verify / sync save: {med['verify (CRC32 of every file)'] / sync:.1%}")
+    signed = med["ours, sync, signed"]
+    print(f"verify / sync save: CRC32 {med['verify (CRC32)'] / sync:.1%}, "
+          f"signed {med['verify (signed, BLAKE3 keyed)'] / signed:.1%} (of the signed save)")
+    print(f"signed verify / CRC32 verify: {med['verify (signed, BLAKE3 keyed)'] / med['verify (CRC32)']:.2f}x")
     print(f"sync save / disk write of the same bytes: {sync / med['disk: same bytes + fsync']:.2f}x")
-    print(f"sync save / dcp.save: {sync / med['dcp.save']:.2f}x")
+    print(f"sync save / dcp.save: {sync / med['dcp.save']:.2f}x (target <= 1.2x); "
+          f"signed: {signed / med['dcp.save']:.2f}x")
 
 
 def free_port() -> int:

@@ -88,7 +88,7 @@ def failing_saves_worker(rank: int, world: int, port: int, run_dir: str, out_dir
     commit, then a save succeeds. Each rank writes what every save did to ``out_dir/rank<N>``."""
     import torch.distributed as dist
 
-    from launcher.checkpoint import files
+    from launcher.checkpoint import dcp_io, files
     from launcher.checkpoint.manager import CheckpointError
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -96,7 +96,7 @@ def failing_saves_worker(rank: int, world: int, port: int, run_dir: str, out_dir
     m = CheckpointManager(Path(run_dir), CheckpointConfig(keep_last=2), rank, world, group, clock=FakeClock())
     m.prepare()
     outcomes = []
-    real_describe, real_manifest = files.describe_files, files.write_manifest
+    real_describe, real_manifest = dcp_io.describe_written, files.write_manifest
 
     def broken(*args, **kwargs):
         raise OSError(5, "Input/output error")
@@ -104,7 +104,7 @@ def failing_saves_worker(rank: int, world: int, port: int, run_dir: str, out_dir
     for step, (describe, manifest) in ((1, (broken if rank == 1 else real_describe, real_manifest)),
                                        (2, (real_describe, broken if rank == 0 else real_manifest)),
                                        (3, (real_describe, real_manifest))):
-        files.describe_files, files.write_manifest = describe, manifest
+        dcp_io.describe_written, files.write_manifest = describe, manifest
         try:
             m.save(step, make_state(step), make_info(step))
             outcomes.append(f"{step} ok")

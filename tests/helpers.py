@@ -7,7 +7,6 @@ process group id (never by name), and every wait has a bound.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -120,14 +119,8 @@ def latest_step(run_dir: Path) -> int:
 
 def last_logged_step(run_dir: Path) -> int:
     """The newest step in rank 0's ``metrics.jsonl`` (0 if none; a torn last line is skipped)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    for line in reversed(lines):
-        try:
-            return json.loads(line)["step"]
-        except (ValueError, KeyError):
-            continue
-    return 0
+    from launcher.metrics import read_records
+    return max((rec["step"] for rec in read_records(run_dir)), default=0)
 
 
 def checkpoint_tensors(ckpt_dir: Path) -> dict:

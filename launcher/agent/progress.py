@@ -17,9 +17,13 @@ any rank of this agent has reported once, hang detection stays off.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+
+from launcher import fileio
 
 LONG_ACTIVITIES = frozenset({"saving", "evaluating", "starting"})
 
@@ -37,12 +41,12 @@ class Report:
 def read_report(path: str) -> Report | None:
     """The last report written to ``path``, or None if there is none (yet) or it is unreadable."""
     try:
-        with open(path) as f:
-            d = json.load(f)
-        return Report(int(d["rank"]), int(d["step"]), str(d["activity"]), float(d["time"]), int(d["pid"]),
-                      int(d.get("first_step", d["step"])))
-    except (OSError, ValueError, KeyError, TypeError):
+        d = json.loads(fileio.read_bytes(Path(path), limit=4096))  # never blocks on a FIFO planted there
+        report = Report(int(d["rank"]), int(d["step"]), str(d["activity"]), float(d["time"]), int(d["pid"]),
+                        int(d.get("first_step", d["step"])))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None  # not written yet, or replaced between open and read
+    return report if math.isfinite(report.time) else None
 
 
 @dataclass
@@ -88,7 +92,9 @@ class ProgressMonitor:
             if st.first is None:
                 st.first = rep
             if st.last is None or (rep.step, rep.activity) != (st.last.step, st.last.activity):
-                st.changed_at = max(rep.time, st.changed_at)
+                # A report's own time counts only up to now: a time in the future would keep the
+                # rank from ever being judged hung.
+                st.changed_at = max(min(rep.time, self.clock()), st.changed_at)
                 if st.first_progress_time is None and rep.step > rep.first_step:
                     st.first_progress_time = rep.time
             st.last = rep

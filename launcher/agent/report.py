@@ -18,7 +18,6 @@ reports (late by at most the report throttle, 0.5 s).
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
@@ -124,19 +123,8 @@ class Recorder:
         self._append("agent_stop", reason=reason, exit_code=exit_code)
 
     def _metrics(self) -> list[dict[str, Any]]:
-        if self.run_dir is None:
-            return []
-        try:
-            lines = (Path(self.run_dir) / metrics_log.FILE).read_text().splitlines()
-        except FileNotFoundError:
-            return []
-        out = []
-        for line in lines:
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue  # a torn last line: rank 0 was killed, or is writing it right now
-        return out
+        # A torn last line (rank 0 killed, or writing it right now) is skipped by the reader.
+        return metrics_log.read_records(Path(self.run_dir)) if self.run_dir is not None else []
 
     # ------------------------------------------------------------------ summary
 

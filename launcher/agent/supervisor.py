@@ -40,6 +40,7 @@ from launcher.agent import console
 from launcher.agent.agent import AgentOptions, FtAgent
 from launcher.agent.policy import Action
 from launcher.agent.report import Recorder, format_summary
+from launcher.dist import rendezvous_store_on_endpoint
 
 log = logging.getLogger("ftrun")
 
@@ -60,8 +61,10 @@ def launch_once(config: LaunchConfig, entrypoint, args: list[str], options: Agen
     # connectFullMesh failed ... Connection refused"): restarts then fail until the budget is
     # spent. Torch's opt-out gives each attempt a fresh store, hosted by worker rank 0.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    with rendezvous_store_on_endpoint():  # an IP or localhost endpoint: the store listens there only
+        rdzv_handler = rdzv_registry.get_rendezvous_handler(params)
     spec = WorkerSpec(role=config.role, local_world_size=config.nproc_per_node, entrypoint=entrypoint,
-                      args=tuple(args), rdzv_handler=rdzv_registry.get_rendezvous_handler(params),
+                      args=tuple(args), rdzv_handler=rdzv_handler,
                       max_restarts=config.max_restarts, monitor_interval=config.monitor_interval,
                       master_addr=master_addr, master_port=master_port, local_addr=config.local_addr,
                       event_log_handler=config.event_log_handler, numa_options=config.numa_options,

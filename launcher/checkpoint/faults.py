@@ -22,12 +22,9 @@ Never set it outside tests: it exists to lose work on purpose.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 from dataclasses import dataclass
-
-from torch.distributed.checkpoint.filesystem import FileSystem
 
 ENV = "FTLAUNCH_FAILPOINT"
 POINTS = ("mid_shard", "after_dcp_save", "after_manifest", "after_rename", "after_meta")
@@ -86,17 +83,8 @@ class _DyingStream:
         return getattr(self._stream, name)
 
 
-class DyingFileSystem(FileSystem):
-    """DCP's file system, but the first ``.distcp`` shard written kills the process mid-file."""
-
-    @contextlib.contextmanager
-    def create_stream(self, path, mode):
-        with super().create_stream(path, mode) as stream:
-            yield _DyingStream(stream) if str(path).endswith(".distcp") else stream
-
-
-def arm_writer(writer, step: int, rank: int) -> None:
-    """Make ``writer`` (a FileSystemWriter) die mid-shard if ``mid_shard`` names this save."""
+def arm_writer(fs, step: int, rank: int) -> None:
+    """Make ``fs`` (a ``dcp_io.DigestFileSystem``) die mid-shard if ``mid_shard`` names this save."""
     fp = active()
     if fp is not None and fp.matches("mid_shard", step, rank):
-        writer.fs = DyingFileSystem()
+        fs.stream_hook = lambda stream: _DyingStream(stream) if stream.name.endswith(".distcp") else stream

@@ -1,4 +1,4 @@
-"""``meta.json``: the pointer to the latest verified checkpoint, and how to find one without it.
+"""``meta.json``: the pointer to the latest verified checkpoint, as a typed record (torch-free).
 
 Schema (``format`` 1)::
 
@@ -7,119 +7,108 @@ Schema (``format`` 1)::
       "latest": "step_00000120",          # a directory name under checkpoints/
       "step": 120, "epoch": 8, "world_size": 2,
       "verified": ["step_00000120", "step_00000100"],   # newest first, short list
-      "best": {"name": "step_00000100", "metric": "val_loss", "mode": "min", "value": 0.31},
+      "best": {"name": "step_00000100", "metric": "val_loss", "mode": "min", "value": 0.31, "step": 100},
+      "run_id": "3f2c...",                # identity of this run directory (see docs/security.md)
       "updated": 1764441600.0
     }
 
-Entries are plain directory names. Anything that would leave the checkpoints directory
-(``..``, an absolute path, a symlink pointing out) is rejected, so a tampered ``meta.json``
-cannot make a job load or delete files elsewhere.
+Only rank 0 writes it, atomically, after the checkpoint it names is verified and in place.
+:func:`read_meta` is the one reader: it never raises for a bad file, it says why the file (or
+a part of it) cannot be used, and the caller falls back to scanning the directories.
+Entries are names only; :mod:`launcher.checkpoint.layout` resolves them safely.
 """
 
 from __future__ import annotations
 
-import json
-import re
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launcher.checkpoint.files import atomic_write_json
+from launcher import fileio
 
 META = "meta.json"
-TMP_PREFIX = ".tmp-"
-_NAME = re.compile(r"step_(\d{8,})")
 
 
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:08d}"
+@dataclass
+class Best:
+    """The best checkpoint by the run's metric (a pointer: no copy is made)."""
+
+    name: str
+    metric: str
+    mode: str  # "min" or "max"
+    value: float
+    step: int | None = None
+
+    @classmethod
+    def parse(cls, obj: Any) -> Best | None:
+        if not isinstance(obj, dict):
+            return None
+        name, metric, mode, value = obj.get("name"), obj.get("metric"), obj.get("mode"), obj.get("value")
+        step = obj.get("step")
+        if not (isinstance(name, str) and isinstance(metric, str) and mode in ("min", "max")
+                and isinstance(value, (int, float)) and not isinstance(value, bool)):
+            return None
+        return cls(name, metric, mode, float(value), step if isinstance(step, int) and not isinstance(step, bool)
+                   else None)
+
+    def beaten_by(self, value: float) -> bool:
+        return value < self.value if self.mode == "min" else value > self.value
 
 
-def step_of(name: str) -> int | None:
-    m = _NAME.fullmatch(name)
-    return int(m.group(1)) if m else None
+@dataclass
+class Meta:
+    latest: str
+    step: int = 0
+    epoch: int = 0
+    world_size: int = 1
+    verified: list[str] = field(default_factory=list)  # newest first, ``latest`` included
+    best: Best | None = None
+    run_id: str = ""
+    updated: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "format": 1, "best": asdict(self.best) if self.best else None}
 
 
-class UnsafeEntry(ValueError):
-    pass
+def _int(v: Any, default: int) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) else default
 
 
-def safe_path(root: Path, name: Any) -> Path:
-    """Resolve a ``meta.json`` entry to a directory inside ``root``, or raise UnsafeEntry."""
-    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
-        raise UnsafeEntry(f"meta.json entry {name!r} is not a plain directory name")
-    path = root / name
-    resolved_root = root.resolve()
-    if path.is_symlink() and resolved_root not in path.resolve().parents:
-        raise UnsafeEntry(f"meta.json entry {name!r} is a symlink pointing outside {root}")
-    return path
+def read_meta(root: Path) -> tuple[Meta | None, list[str]]:
+    """``meta.json`` of a checkpoints directory, and a note for each part that could not be used.
 
-
-def read_meta(root: Path) -> tuple[dict[str, Any] | None, str | None]:
-    """``(meta, None)`` or ``(None, why it could not be used)``."""
-    path = root / META
-    try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None, f"{path}: missing"
-    except (OSError, ValueError) as e:
-        return None, f"{path}: unreadable ({e})"
-    if not isinstance(meta, dict) or not isinstance(meta.get("latest"), str):
-        return None, f"{path}: no 'latest' entry"
-    return meta, None
-
-
-def write_meta(root: Path, meta: dict[str, Any]) -> None:
-    meta = {**meta, "format": 1, "updated": time.time()}
-    atomic_write_json(root / META, meta)
-
-
-def scan(root: Path) -> list[str]:
-    """Checkpoint directory names under ``root``, newest step first."""
-    if not root.is_dir():
-        return []
-    names = [p.name for p in root.iterdir() if p.is_dir() and step_of(p.name) is not None]
-    return sorted(names, key=lambda n: step_of(n) or -1, reverse=True)
-
-
-def candidates(root: Path) -> tuple[list[str], list[str]]:
-    """Names to try on resume, best guess first, and notes on what was skipped.
-
-    ``meta.json``'s latest and its verified list come first; every other checkpoint
-    directory follows, newest first, so a lost or stale ``meta.json`` still finds the answer.
+    ``(None, [why])`` when the file is missing, special, damaged or names no latest checkpoint.
+    A bad ``verified`` list or ``best`` entry is dropped with a note; ``"best": null`` (no
+    evaluation yet) is no problem.
     """
-    notes: list[str] = []
-    ordered: list[str] = []
-    meta, why = read_meta(root)
-    if meta is None:
-        if root.is_dir() and scan(root):
-            notes.append(f"{why}; scanning the checkpoint directories instead")
-    else:
-        earlier = meta.get("verified")
-        if not isinstance(earlier, list):
-            notes.append(f"{root / META}: 'verified' is not a list; ignoring it")
-            earlier = []
-        for name in [meta["latest"], *earlier]:
-            try:
-                path = safe_path(root, name)
-            except UnsafeEntry as e:
-                notes.append(str(e))
-                continue
-            if not path.is_dir():
-                notes.append(f"meta.json points at {name}, which is not there")
-            elif name not in ordered:
-                ordered.append(name)
-    scanned = scan(root)
-    newest_listed = max((step_of(n) or -1 for n in ordered), default=-1)
-    # A directory newer than meta.json's latest is a save that was renamed into place but
-    # not yet published (a crash between the two): it is complete, so it comes first.
-    newer = [n for n in scanned if (step_of(n) or -1) > newest_listed and n not in ordered]
-    older = [n for n in scanned if n not in ordered and n not in newer]
-    safe = []
-    for name in [*newer, *ordered, *older]:
-        try:
-            safe_path(root, name)
-            safe.append(name)
-        except UnsafeEntry as e:
-            notes.append(str(e).replace("meta.json entry", "checkpoint directory"))
-    return safe, notes
+    path = Path(root) / META
+    try:
+        obj = fileio.read_json(path)
+    except FileNotFoundError:
+        return None, [f"{path}: missing"]
+    except (OSError, ValueError) as e:
+        return None, [str(e) if str(path) in str(e) else f"{path}: unreadable ({e})"]
+    if not isinstance(obj, dict):
+        return None, [f"{path}: expected a JSON object, found {type(obj).__name__}"]
+    if not isinstance(obj.get("latest"), str):
+        return None, [f"{path}: no 'latest' entry"]
+    notes = []
+    verified = obj.get("verified", [])
+    if not isinstance(verified, list) or not all(isinstance(n, str) for n in verified):
+        notes.append(f"{path}: 'verified' is not a list of names; ignoring it")
+        verified = []
+    best = Best.parse(obj.get("best"))
+    if best is None and obj.get("best") is not None:
+        notes.append(f"{path}: 'best' is not a valid entry; ignoring it")
+    run_id = obj.get("run_id") if isinstance(obj.get("run_id"), str) else ""
+    updated = obj.get("updated")
+    return Meta(latest=obj["latest"], step=_int(obj.get("step"), 0), epoch=_int(obj.get("epoch"), 0),
+                world_size=_int(obj.get("world_size"), 1), verified=verified, best=best, run_id=run_id,
+                updated=float(updated) if isinstance(updated, (int, float)) else 0.0), notes
+
+
+def write_meta(root: Path, meta: Meta) -> None:
+    """Replace ``meta.json`` atomically (fsynced file and directory)."""
+    meta.updated = time.time()
+    fileio.atomic_write_json(Path(root) / META, meta.to_json())

@@ -24,6 +24,7 @@ from agent_cluster import Cluster, script_args, signal_proc, steps_done, wait_st
 from helpers import PY, assert_bit_equal, checkpoint_tensors, latest_step, run, wait_for
 
 from launcher import events
+from launcher.metrics import read_records
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(420)]
 
@@ -159,7 +160,7 @@ def test_elastic_job_shrinks_grows_back_and_survives_store_host_loss(tmp_path):
 
     assert "store_lost" in [e["kind"] for e in events.read(run_dir)]
     assert latest_step(run_dir) == steps
-    losses = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = read_records(run_dir)
     losses = [rec["loss"] for rec in losses if "loss" in rec]
     assert len(losses) == steps  # metrics.jsonl reads as one run: every step once
     first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20

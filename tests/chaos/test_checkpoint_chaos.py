@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from helpers import PY, REPO, assert_bit_equal, checkpoint_tensors, child_env, run, tail, train_cmd
 
-from launcher.checkpoint import faults, files, meta
+from launcher.checkpoint import faults, files, layout, meta
 
 pytestmark = [pytest.mark.chaos, pytest.mark.filterwarnings("ignore:torch.distributed is disabled")]
 
@@ -73,11 +73,11 @@ def test_failpoint_leaves_the_old_checkpoint_or_the_new_one(tmp_path, point, mod
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     m = manager(run_dir)  # prepare(): removes the interrupted save's leftovers
     path = m.resolve("auto")
-    assert path.name == meta.checkpoint_name(survivor)
+    assert path.name == layout.checkpoint_name(survivor)
     state = m.load(path, template())
     import torch
     assert torch.equal(state["model"]["w"], make_state(survivor)["model"]["w"])
-    assert not [p for p in m.root.iterdir() if p.name.startswith(meta.TMP_PREFIX)]
+    assert not [p for p in m.root.iterdir() if p.name.startswith(layout.TMP_PREFIX)]
 
 
 def test_killed_during_save_resumes_and_ends_bit_exact(reference, tmp_path):
@@ -86,11 +86,11 @@ def test_killed_during_save_resumes_and_ends_bit_exact(reference, tmp_path):
     root = run_dir / "checkpoints"
     code = _train(run_dir, log, **{faults.ENV: "after_dcp_save:10"})
     assert code == -signal.SIGKILL, f"expected the failpoint to kill the run, exit {code}\n{tail(log)}"
-    assert (root / f"{meta.TMP_PREFIX}step_00000010").is_dir()
+    assert (root / f"{layout.TMP_PREFIX}step_00000010").is_dir()
     assert json.loads((root / meta.META).read_text())["latest"] == "step_00000007"
     assert _train(run_dir, log) == 0, tail(log)
     assert _resumed_from(log) == "step_00000007"
-    assert not [p for p in root.iterdir() if p.name.startswith(meta.TMP_PREFIX)]
+    assert not [p for p in root.iterdir() if p.name.startswith(layout.TMP_PREFIX)]
     assert assert_bit_equal(reference[1], _final(run_dir), KEYS) > 10
 
 
@@ -112,7 +112,7 @@ def test_corrupt_latest_then_resume_warns_falls_back_and_ends_bit_exact(referenc
 def test_nothing_verifies_exits_3_with_clear_message(reference, tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "log"
     shutil.copytree(reference[0], run_dir)
-    names = meta.scan(run_dir / "checkpoints")
+    names = layout.scan(run_dir / "checkpoints")
     for name in names:
         (run_dir / "checkpoints" / name / "__0_0.distcp").write_bytes(b"")
     assert _train(run_dir, log) == 3, tail(log)
@@ -149,7 +149,7 @@ def test_two_ranks_async_rank1_killed_mid_shard(tmp_path):
     asynchronous = ["--set", "checkpoint.async=true"]
     code = _train(run_dir, log, nproc=2, extra=asynchronous, **{faults.ENV: "mid_shard:14:1"})
     assert code != 0, tail(log)
-    assert (run_dir / "checkpoints" / f"{meta.TMP_PREFIX}step_00000014").is_dir()
+    assert (run_dir / "checkpoints" / f"{layout.TMP_PREFIX}step_00000014").is_dir()
     assert json.loads((run_dir / "checkpoints" / meta.META).read_text())["latest"] == "step_00000010"
     assert _train(run_dir, log, nproc=2, extra=asynchronous) == 0, tail(log)
     assert _resumed_from(log) == "step_00000010"

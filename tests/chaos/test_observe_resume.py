@@ -16,6 +16,8 @@ from helpers import latest_step, run, start, stop, tail, train_cmd, wait_for
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
+from launcher.metrics import read_records
+
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(240)]
 
 STEPS = 30
@@ -67,7 +69,7 @@ def test_tensorboard_curves_continue_without_duplicates(resumed_run):
 
     acc = event_accumulator.EventAccumulator(str(tb), size_guidance={event_accumulator.SCALARS: 0})
     acc.Reload()
-    records = [json.loads(line) for line in (resumed_run / "metrics.jsonl").read_text().splitlines()]
+    records = read_records(resumed_run)
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "train_loss" in r]
     for tag, key, expected in [("train/loss", "loss", steps), ("train/lr", "lr", steps),
@@ -99,7 +101,7 @@ def test_plot_is_a_png_of_the_whole_history(resumed_run):
 def test_summary_describes_the_whole_run(resumed_run):
     summary = json.loads((resumed_run / "summary.json").read_text())
     meta = json.loads((resumed_run / "checkpoints" / "meta.json").read_text())
-    records = [json.loads(line) for line in (resumed_run / "metrics.jsonl").read_text().splitlines()]
+    records = read_records(resumed_run)
     val = [(r["val_loss"], r["step"]) for r in records if "val_loss" in r]
     assert summary["status"] == "finished" and summary["step"] == STEPS == summary["total_steps"]
     assert summary["attempts"] == 2 and len(summary["resumed_at"]) == 1

@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 from ckpt_testing import failing_saves_worker
 from helpers import free_port
 
-from launcher.checkpoint import files, meta
+from launcher.checkpoint import files, layout
 
 pytestmark = pytest.mark.distributed
 
@@ -33,5 +33,5 @@ def test_failure_on_one_rank_reaches_every_rank_without_deadlock(tmp_path):
         assert lines[1].startswith("2 CheckpointError") and "Input/output error" in lines[1], lines
         assert lines[2] == "3 ok", lines
     root = run_dir / "checkpoints"
-    assert meta.scan(root) == ["step_00000003"]
+    assert layout.scan(root) == ["step_00000003"]
     assert files.verify(root / "step_00000003").ok

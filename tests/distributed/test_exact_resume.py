@@ -23,6 +23,8 @@ from helpers import (
     wait_for,
 )
 
+from launcher.metrics import read_records
+
 pytestmark = pytest.mark.distributed
 
 
@@ -78,7 +80,7 @@ def test_sigkill_and_resume_is_bit_exact(trainer, nproc, tmp_path):
     ha, hb = json.loads(a["progress"])["history"], json.loads(b["progress"])["history"]
     assert ha == hb and len(ha) >= 1, "epoch histories differ"
     # the metrics record reads as one run: every step once, in order
-    steps = [r["step"] for r in map(json.loads, (broken / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    steps = [r["step"] for r in read_records(broken) if "loss" in r]
     assert steps == list(range(1, total + 1))
 
 

@@ -14,6 +14,7 @@ import torch
 from helpers import PY, REPO, checkpoint_tensors, run, tail, train_cmd
 
 from launcher.checkpoint import files
+from launcher.checkpoint.record import read_record
 from trainers.recommender.data import TEST, load_tasks
 from trainers.recommender.model import recall_ndcg
 
@@ -69,8 +70,8 @@ def test_encoder_package_reproduces_the_evaluation_on_raw_data(runs, tmp_path):
     source = best_checkpoint(runs["encoder"])
     assert ckpt_tool("package", source, tmp_path / "pkg", log=tmp_path / "log") == 0, tail(tmp_path / "log")
     pkg = load_package(tmp_path / "pkg")
-    info = files.read_info(source)
-    assert not pkg.model.training and pkg.info["step"] == info["step"] and pkg.info["metrics"] == info["metrics"]
+    info = read_record(source)
+    assert not pkg.model.training and pkg.info["step"] == info.step and pkg.info["metrics"] == info.metrics
     assert {"torch", "safetensors", "python"} <= set(pkg.info["versions"])
     assert len(pkg.info["normalization"]["mean"]) == pkg.config.data.synthetic_channels
     weights = checkpoint_tensors(source)["model"]
@@ -86,7 +87,7 @@ def test_encoder_package_reproduces_the_evaluation_on_raw_data(runs, tmp_path):
     mask = span_masks(len(raw), d.window, d.mask_span, torch.Generator().manual_seed(seed + 7))
     out = pkg.reconstruct(raw, mask)
     err = ((pkg.normalize(out) - pkg.normalize(raw)) ** 2).mean(-1)
-    assert float((err * mask).sum() / mask.sum()) == pytest.approx(info["metrics"]["val_loss"], rel=1e-6)
+    assert float((err * mask).sum() / mask.sum()) == pytest.approx(info.metrics["val_loss"], rel=1e-6)
     hidden = torch.where(mask[..., None], float("nan"), raw)
     assert torch.equal(pkg.reconstruct(hidden, mask), out)  # hidden values are never read
     with pytest.raises(ValueError, match=r"expected a window of shape \[16, 8\]"):
@@ -100,7 +101,7 @@ def test_recommender_package_recommends_what_evaluation_scored(runs, tmp_path):
     source = best_checkpoint(runs["recommender"])
     assert ckpt_tool("package", source, tmp_path / "pkg", log=tmp_path / "log") == 0, tail(tmp_path / "log")
     pkg = load_package(tmp_path / "pkg")
-    info = files.read_info(source)
+    info = read_record(source)
     tasks = load_tasks(runs["recommender"] / "tasks")
     q = pkg.config.data.query_size
     users = [tasks.histories[t] for t in tasks.of(TEST)]
@@ -108,8 +109,8 @@ def test_recommender_package_recommends_what_evaluation_scored(runs, tmp_path):
     top = pkg.recommend_many([names(h[:-q]) for h in users], k=10)
     index = {name: i for i, name in enumerate(tasks.item_ids)}
     recall, ndcg = recall_ndcg([[index[n] for n in row] for row in top], [h[-q:] for h in users], 10)
-    assert recall / len(users) == pytest.approx(info["metrics"]["test_recall@10"], rel=1e-9)
-    assert ndcg / len(users) == pytest.approx(info["metrics"]["test_ndcg@10"], rel=1e-9)
+    assert recall / len(users) == pytest.approx(info.metrics["test_recall@10"], rel=1e-9)
+    assert ndcg / len(users) == pytest.approx(info.metrics["test_ndcg@10"], rel=1e-9)
     assert pkg.recommend(names(users[0][:-q])) == top[0] and not set(top[0]) & set(names(users[0][:-q]))
     with pytest.raises(KeyError, match="unknown item id"):
         pkg.recommend(["no such item"])
@@ -161,10 +162,10 @@ def test_early_stopping_ends_with_a_checkpoint_and_a_rerun_says_so(tmp_path):
     log = train("encoder", run_dir, tmp_path / "first.log", *cmd)
     assert "collective timeout 1234 s" in log
     assert "Stopped early at step 14 of 24: val_loss has not improved by more than 100" in log
-    final = files.read_info(run_dir / "checkpoints" / "step_00000014")
-    assert final["reason"] == "early stop"
-    between = files.read_info(run_dir / "checkpoints" / "step_00000010")  # an interval checkpoint
-    assert between["metrics"] == {} and between["last_eval"]["step"] == 7 and "val_loss" in between["last_eval"]
+    final = read_record(run_dir / "checkpoints" / "step_00000014")
+    assert final.reason == "early stop"
+    between = read_record(run_dir / "checkpoints" / "step_00000010")  # an interval checkpoint
+    assert between.metrics == {} and between.last_eval["step"] == 7 and "val_loss" in between.last_eval
     steps = [r["step"] for r in metrics(run_dir)]
     log = train("encoder", run_dir, tmp_path / "again.log", *cmd)
     assert "This run stopped early at step 14 of 24" in log and "Nothing to train" in log
@@ -182,7 +183,7 @@ def adam_steps(checkpoint: Path) -> set[float]:
 def test_staged_recommender_carries_its_task_set_and_keeps_the_phase_boundary(runs, tmp_path):
     stage1 = runs["recommender"]
     boundary = stage1 / "checkpoints" / "step_00000012"  # meta.steps=12 in the fast config
-    assert files.read_info(boundary)["milestone"] == "end of meta-learning"  # kept although keep_last=3
+    assert read_record(boundary).milestone == "end of meta-learning"  # kept although keep_last=3
 
     stage2 = tmp_path / "stage2"
     cmd = ["--init-from", str(stage1), "--set", "meta.steps=0", "--set", "train.max_steps=5"]
@@ -190,7 +191,7 @@ def test_staged_recommender_carries_its_task_set_and_keeps_the_phase_boundary(ru
     assert f"Task set carried from {stage1 / 'tasks'}" in log and "Initialised from" in log
     assert (stage2 / "tasks" / "tasks.npz").read_bytes() == (stage1 / "tasks" / "tasks.npz").read_bytes()
     last = stage2 / "checkpoints" / "step_00000005"
-    assert files.read_info(last)["init_from"] == str(stage1 / "checkpoints" / "step_00000024")
+    assert read_record(last).init_from == str(stage1 / "checkpoints" / "step_00000024")
     assert adam_steps(last) == {5.0}  # weights only: a fresh optimizer
     log = train("recommender", stage2, tmp_path / "again.log", *cmd)  # the same command again: done
     assert "Run already finished at step 5" in log and "Initialised from" not in log

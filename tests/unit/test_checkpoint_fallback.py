@@ -12,7 +12,7 @@ import pytest
 import torch
 from ckpt_testing import ckpt, make_info, make_run, make_state, manager, shard, template
 
-from launcher.checkpoint import files, meta
+from launcher.checkpoint import digest, files, layout, meta
 from launcher.checkpoint.manager import CheckpointError
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -96,9 +96,9 @@ def test_unreadable_manifest_falls_back(run, caplog, text):
 
 
 def test_manifest_without_signature_fails_when_a_key_is_set(run, monkeypatch, caplog):
-    monkeypatch.setenv(files.HMAC_ENV, "secret")
+    monkeypatch.setenv(digest.KEY_ENV, "secret-key-of-16-bytes")
     with caplog.at_level(logging.WARNING, logger="launcher.checkpoint"), \
-            pytest.raises(CheckpointError, match="HMAC signature does not match"):
+            pytest.raises(CheckpointError, match="not signed, but a signing key is set"):
         resolve(run)  # none of the three was signed
 
 
@@ -109,7 +109,7 @@ def test_deleted_file_falls_back(run, caplog):
 
 def test_extra_manifest_entry_escaping_the_directory_fails_verification(run, caplog):
     m = json.loads((ckpt(run, 30) / files.MANIFEST).read_text())
-    m["files"]["../step_00000020/__0_0.distcp"] = {"size": 1, "crc32": "00000000"}
+    m["files"]["../step_00000020/__0_0.distcp"] = {"size": 1, "digest": "00000000"}
     (ckpt(run, 30) / files.MANIFEST).write_text(json.dumps(m))
     _falls_back(run, caplog, "escapes the checkpoint directory")
 
@@ -179,7 +179,7 @@ def test_nothing_verifies_lists_everything_tried(run):
 
 
 def test_leftover_tmp_dir_is_removed_and_never_loaded(run):
-    tmp = run / "checkpoints" / f"{meta.TMP_PREFIX}step_00000040"
+    tmp = run / "checkpoints" / f"{layout.TMP_PREFIX}step_00000040"
     shutil.copytree(ckpt(run, 30), tmp)
     assert resolve(run) == ckpt(run, 30)  # manager() runs prepare(), which removes it
     assert not tmp.exists()
@@ -190,7 +190,7 @@ def test_killed_while_replacing_a_checkpoint_restores_the_old_one(run):
     before renaming the new one in; killed in between, the old one comes back."""
     root = run / "checkpoints"
     (root / "step_00000030").rename(root / ".trash-step_00000030")
-    (root / f"{meta.TMP_PREFIX}step_00000030").mkdir()
+    (root / f"{layout.TMP_PREFIX}step_00000030").mkdir()
     assert resolve(run) == ckpt(run, 30)
     assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == []
 
@@ -206,7 +206,7 @@ def test_resume_none_refuses_existing_checkpoints_and_best_and_path(run):
 
 
 def test_best_pointing_outside_is_refused(run):
-    edit_meta(run, best={"name": "../../etc", "value": 0.0})
+    edit_meta(run, best={"name": "../../etc", "metric": "val_loss", "mode": "min", "value": 0.0})
     with pytest.raises(CheckpointError, match="not a plain directory name"):
         resolve(run, "best")
 
@@ -216,14 +216,14 @@ def test_no_checkpoints_is_a_fresh_start(tmp_path):
 
 
 def test_hmac_key_signs_manifests(tmp_path, monkeypatch):
-    monkeypatch.setenv(files.HMAC_ENV, "secret-1")
+    monkeypatch.setenv(digest.KEY_ENV, "secret-1-of-16-bytes")
     run = tmp_path / "run"
     make_run(run, steps=(10,))
     assert files.verify(ckpt(run, 10)).ok
-    monkeypatch.setenv(files.HMAC_ENV, "another key")
-    assert "HMAC signature does not match" in files.verify(ckpt(run, 10)).reason()
-    monkeypatch.delenv(files.HMAC_ENV)
-    assert files.verify(ckpt(run, 10)).ok
+    monkeypatch.setenv(digest.KEY_ENV, "another key of 16 bytes")
+    assert "signature does not match" in files.verify(ckpt(run, 10)).reason()
+    monkeypatch.delenv(digest.KEY_ENV)
+    assert "set FTLAUNCH_HMAC_KEY" in files.verify(ckpt(run, 10)).reason()
 
 
 class Opaque:

@@ -13,36 +13,47 @@ from types import SimpleNamespace
 import pytest
 from ckpt_testing import FakeClock, ckpt, make_info, make_state, manager
 
-from launcher.checkpoint import meta
+from launcher.checkpoint import layout, meta
+from launcher.checkpoint.layout import Entry, plan_retention
 from launcher.checkpoint.manager import CheckpointError, CheckpointManager
-from launcher.checkpoint.retention import select_deletions
 from launcher.config import CheckpointConfig, ConfigError
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
-N = meta.checkpoint_name
+N = layout.checkpoint_name
 
 
-# ---------------------------------------------------------------- select_deletions (pure)
+# ---------------------------------------------------------------- plan_retention (pure)
+
+def entries(*steps: int, bad: tuple[int, ...] = (), milestones: tuple[int, ...] = ()) -> list[Entry]:
+    return [Entry(N(s), s, s not in bad, "label" if s in milestones else None) for s in steps]
+
 
 def test_keeps_the_newest_n_counting_from_the_verified_one():
-    names = [N(s) for s in (10, 20, 30, 40, 50)]
-    assert select_deletions(names, N(50), keep_last=2) == [N(30), N(20), N(10)]
-    assert select_deletions(names, N(50), keep_last=5) == []
+    every = entries(10, 20, 30, 40, 50)
+    assert plan_retention(every, N(50), keep_last=2) == [N(30), N(20), N(10)]
+    assert plan_retention(every, N(50), keep_last=5) == []
 
 
 def test_never_deletes_newer_than_the_verified_one_nor_best_nor_milestones():
-    names = [N(s) for s in (10, 20, 30, 40, 50, 60)]
+    every = entries(10, 20, 30, 40, 50, 60, milestones=(50,))
     # 60 exists but is not the verified one (it failed verification or is being replaced)
-    doomed = select_deletions(names, N(40), keep_last=2, keep_every=20, best=N(10))
-    assert doomed == []  # 60, 50: newer; 40, 30: last 2; 20: milestone; 10: best
-    assert select_deletions(names, N(40), keep_last=2, keep_every=0, best=None) == [N(20), N(10)]
+    doomed = plan_retention(every, N(40), keep_last=2, keep_every=20, best=N(10))
+    assert doomed == []  # 60, 50: newer; 40, 30: last 2; 20: every 20th; 10: best
+    assert plan_retention(every, N(40), keep_last=2, keep_every=0, best=None) == [N(20), N(10)]
+    assert plan_retention(entries(10, 20, 30, 40, milestones=(10,)), N(40), keep_last=2) == [N(20)]
 
 
-def test_ignores_names_that_are_not_checkpoints():
-    names = [N(10), N(20), N(30), "step_00000030-lr0.01", "notes", ".tmp-step_00000040"]
-    assert select_deletions(names, N(30), keep_last=2) == [N(10)]
-    assert select_deletions(names, "garbage", keep_last=2) == []
+def test_unverifiable_checkpoints_never_count_and_never_outlive_a_verified_one():
+    """30 does not verify: 40 and 20 are the two kept, 30 goes, and so does 10."""
+    every = entries(10, 20, 30, 40, bad=(30,))
+    assert plan_retention(every, N(40), keep_last=2) == [N(30), N(10)]
+    assert plan_retention(every, N(40), keep_last=3) == [N(30)]  # 40, 20, 10 verify
+    assert plan_retention(entries(10, 20, 30, 40, bad=(20, 30)), N(40), keep_last=2, best=N(20)) == [N(30)]
+
+
+def test_ignores_a_newest_name_that_is_not_a_checkpoint():
+    assert plan_retention(entries(10, 20, 30), "step_00000030-lr0.01", keep_last=2) == []
 
 
 def test_keep_last_below_two_is_a_config_error():
@@ -82,7 +93,7 @@ def test_wall_clock_trigger_with_fake_clock_and_retention_on_disk(tmp_path):
             saved.append(step)
     m.close()
     assert saved == [10, 20, 30, 40, 50, 60, 70]
-    present = meta.scan(m.root)
+    present = layout.scan(m.root)
     # newest 2 (70, 60), milestones (60, 40, 20), best by val_loss (30)
     assert present == [N(70), N(60), N(40), N(30), N(20)]
     info = json.loads((m.root / meta.META).read_text())
@@ -93,6 +104,36 @@ def test_wall_clock_trigger_with_fake_clock_and_retention_on_disk(tmp_path):
     assert sorted(p.name for p in m.root.iterdir()) == sorted([*present, meta.META])
 
 
+def test_milestones_and_unverifiable_checkpoints_on_disk(tmp_path, caplog):
+    """A milestone (issue 12's stage boundaries) is always kept; a corrupt older checkpoint never
+    counts toward keep_last and goes, with a warning, while the verified ones stay."""
+    import logging
+    m = manager(tmp_path / "run", keep_last=2)
+    for step in (10, 20, 30):
+        info = make_info(step)
+        if step == 10:
+            info["milestone"] = "meta-training done"
+        m.save(step, make_state(step), info)
+    (ckpt(tmp_path / "run", 20) / "__0_0.distcp").write_bytes(b"corrupt")
+    m2 = manager(tmp_path / "run", keep_last=2)  # a restart: the last resume's findings count
+    assert m2.resolve("auto") == ckpt(tmp_path / "run", 30)
+    (ckpt(tmp_path / "run", 30) / "__0_0.distcp").write_bytes(b"x")
+    m3 = manager(tmp_path / "run", keep_last=2)
+    with caplog.at_level(logging.DEBUG, logger="launcher.checkpoint"):
+        assert m3.resolve("auto") == ckpt(tmp_path / "run", 10)  # 30 and 20 do not verify
+        m3.save(40, make_state(40), make_info(40))
+        m3.close()
+    assert layout.scan(m3.root) == [N(40), N(10)]  # 30, 20: unverifiable, gone; 10: the milestone
+    assert "Retention: deleting step_00000030, which does not verify" in caplog.text
+    m4 = manager(tmp_path / "run", keep_last=2)
+    m4.resolve("auto")
+    for step in (50, 60):
+        m4.save(step, make_state(step), make_info(step))
+    m4.close()
+    assert layout.scan(m4.root) == [N(60), N(50), N(10)]  # the milestone outlives keep_last
+    assert json.loads((ckpt(tmp_path / "run", 10) / "checkpoint.json").read_text())["milestone"] == "meta-training done"
+
+
 def test_best_mode_max_and_configured_metric(tmp_path):
     m = manager(tmp_path / "run", keep_last=2, best_metric="acc", best_mode="max")
     for step, acc in ((10, 0.5), (20, 0.9), (30, 0.7), (40, 0.8)):
@@ -101,7 +142,7 @@ def test_best_mode_max_and_configured_metric(tmp_path):
         m.save(step, make_state(step), info)
     best = json.loads((m.root / meta.META).read_text())["best"]
     assert best["name"] == N(20) and best["metric"] == "acc" and best["mode"] == "max"
-    assert meta.scan(m.root) == [N(40), N(30), N(20)]
+    assert layout.scan(m.root) == [N(40), N(30), N(20)]
 
 
 def test_async_save_is_identical_to_sync_save(tmp_path):

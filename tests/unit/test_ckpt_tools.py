@@ -14,7 +14,7 @@ import torch
 from ckpt_testing import ckpt, make_info, make_run, make_state, manager, shard
 
 from launcher import ckpt as tool
-from launcher.checkpoint import faults, files, meta
+from launcher.checkpoint import digest, faults, files, layout, meta
 from launcher.checkpoint.staging import Stager, assign_owners, tensor_signatures
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -45,7 +45,7 @@ def test_list_shows_step_epoch_size_verified_best(run, capsys):
     code, out, _ = call(capsys, "list", run)
     assert code == 0
     lines = {line.split()[0]: line for line in out.splitlines()[1:]}
-    assert set(lines) == {meta.checkpoint_name(s) for s in (10, 20, 30, 40)}
+    assert set(lines) == {layout.checkpoint_name(s) for s in (10, 20, 30, 40)}
     assert "NO" in lines["step_00000040"] and "truncated" in lines["step_00000040"]
     assert " yes " in lines["step_00000030"] and " 3 " in lines["step_00000030"]  # epoch 30 // 10
     assert "best" in lines["step_00000020"] and "KB" in lines["step_00000020"]
@@ -56,9 +56,9 @@ def test_verify_exit_codes_and_names_bad_file(run, capsys):
     assert call(capsys, "verify", ckpt(run, 10))[0] == 0
     (ckpt(run, 30) / ".metadata").unlink()
     code, out, _ = call(capsys, "verify", run)
-    assert code == 1
+    assert code == 3
     assert "BAD  " + str(ckpt(run, 30)) in out and ".metadata: missing file" in out
-    assert call(capsys, "verify", ckpt(run, 30))[0] == 1
+    assert call(capsys, "verify", ckpt(run, 30))[0] == 3
     code, _, err = call(capsys, "verify", run / "nope")
     assert code == 2 and "no such file" in err
 
@@ -85,7 +85,7 @@ def test_export_writes_model_weights_only(run, tmp_path, capsys):
     assert code == 2 and ".pt" in err
     shard(run, 30).write_bytes(b"")
     code, _, err = call(capsys, "export", ckpt(run, 30), tmp_path / "bad.pt", "--force")
-    assert code == 1 and "does not verify" in err and not (tmp_path / "bad.pt").exists()
+    assert code == 3 and "does not verify" in err and not (tmp_path / "bad.pt").exists()
 
 
 def test_set_lr_writes_a_new_verified_checkpoint(run, capsys):
@@ -105,21 +105,27 @@ def test_set_lr_writes_a_new_verified_checkpoint(run, capsys):
     assert {p.name: p.read_bytes() for p in ckpt(run, 40).iterdir()} == before  # source untouched
     info = json.loads((new / files.INFO).read_text())
     assert info["config"]["optim"]["lr"] == 0.1 and "set-lr" in info["change"]  # the config it was trained with
-    assert meta.step_of(new.name) is None  # never picked by --resume auto nor by retention
+    assert layout.step_of(new.name) is None  # never picked by --resume auto nor by retention
     assert call(capsys, "set-lr", ckpt(run, 40), "0.005")[0] == 2  # exists already
     assert call(capsys, "set-lr", ckpt(run, 40), "-1")[0] == 2
 
 
 def test_prune_keeps_newest_verified_and_best(run, capsys):
-    code, out, _ = call(capsys, "prune", run, "--keep-last", "1", "--dry-run")
-    assert code == 0 and "would delete" in out and len(meta.scan(run / "checkpoints")) == 4
+    code, out, _ = call(capsys, "prune", run, "--keep-last", "2", "--dry-run")
+    assert code == 0 and "would delete" in out and len(layout.scan(run / "checkpoints")) == 4
     shard(run, 40).write_bytes(b"")  # newest is bad: counting starts from 30
-    code, out, _ = call(capsys, "prune", run, "--keep-last", "1")
+    code, out, _ = call(capsys, "prune", run, "--keep-last", "2")
     assert code == 0, out
-    assert meta.scan(run / "checkpoints") == ["step_00000040", "step_00000030", "step_00000020"]
+    # 40: newer than the newest verified (30); 30 and 20: the two newest verified (20 is also the best)
+    assert layout.scan(run / "checkpoints") == ["step_00000040", "step_00000030", "step_00000020"]
+    (ckpt(run, 20) / files.DCP_METADATA).write_bytes(b"x")  # the best, now unverifiable: kept, but not counted
+    code, out, _ = call(capsys, "prune", run, "--keep-last", "2", "--keep-every", "0")
+    assert code == 0 and "nothing to delete" in out
     m = json.loads((run / "checkpoints" / meta.META).read_text())
-    assert "step_00000010" not in m["verified"]
-    assert call(capsys, "prune", run, "--keep-last", "0")[0] == 2
+    assert all(n in layout.scan(run / "checkpoints") for n in m["verified"])
+    for bad in ("1", "0"):
+        code, _, err = call(capsys, "prune", run, "--keep-last", bad)
+        assert code == 2 and "--keep-last must be >= 2" in err
 
 
 def test_prune_refuses_a_run_a_live_job_holds(run, capsys):
@@ -130,9 +136,9 @@ def test_prune_refuses_a_run_a_live_job_holds(run, capsys):
     """), str(run / ".lock")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        code, _, err = call(capsys, "prune", run, "--keep-last", "1")
-        assert code == 2 and "in use by a live job" in err
-        assert len(meta.scan(run / "checkpoints")) == 4
+        code, _, err = call(capsys, "prune", run, "--keep-last", "2")
+        assert code == 3 and "in use by a live job" in err
+        assert len(layout.scan(run / "checkpoints")) == 4
     finally:
         holder.kill()
         holder.wait(timeout=10)
@@ -200,22 +206,29 @@ def test_failpoint_parsing():
             faults.parse(bad)
 
 
-def test_parallel_crc32_equals_zlib(tmp_path, monkeypatch):
+@pytest.mark.parametrize("keyed", [False, True])
+def test_streaming_and_read_back_digests_agree(tmp_path, keyed):
+    """A digest taken while writing (save) equals the one read back (verify); without a key it is
+    zlib's CRC32 of the file; with one it depends on the key and on every byte."""
     import os
-    import random
     import zlib
 
-    from launcher.checkpoint import crc
-    rng = random.Random(0)
-    for _ in range(30):
-        a, b = os.urandom(rng.randint(0, 2000)), os.urandom(rng.randint(0, 2000))
-        assert crc.crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
-    monkeypatch.setattr(crc, "PIECE", 1000)  # many pieces per file
+    scheme = digest.Scheme.keyed(b"k" * 32) if keyed else digest.Scheme()
     paths = []
-    for n in (0, 1, 999, 1000, 1001, 4321):
+    for n in (0, 1, 1023, 4321, 3 * 2**20 + 7):
         paths.append(tmp_path / f"f{n}")
         paths[-1].write_bytes(os.urandom(n))
-    sums = crc.files_crc32(paths, workers=4)
+    sums = digest.digest_files(paths, scheme, workers=3)
     for p in paths:
         data = p.read_bytes()
-        assert sums[p] == (len(data), f"{zlib.crc32(data):08x}")
+        stream = digest.StreamDigest(scheme)
+        for i in range(0, len(data), 70_000):
+            stream.update(memoryview(data)[i:i + 70_000])
+        assert sums[p] == stream.result() == (len(data), digest.digest_bytes(scheme, data))
+        if not keyed:
+            assert sums[p][1] == f"{zlib.crc32(data):08x}"
+    if keyed:
+        data = paths[-1].read_bytes()
+        assert digest.digest_bytes(digest.Scheme.keyed(b"j" * 32), data) != sums[paths[-1]][1]
+        assert digest.digest_bytes(scheme, data[:-1] + bytes([data[-1] ^ 1])) != sums[paths[-1]][1]
+        assert scheme.sign(b"x") != digest.digest_bytes(scheme, b"x")  # separate keys for files and manifests

@@ -11,6 +11,7 @@ import pytest
 from launcher import endings, epochs, finished, logs
 from launcher.agent import console
 from launcher.checkpoint.files import CheckpointError
+from launcher.checkpoint.record import CheckpointRecord
 from launcher.config import TrainConfig
 
 GLOO = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:13698: "
@@ -59,19 +60,19 @@ def test_one_epoch_numbering():
     assert epochs.describe(120, 15) == "epoch 8 complete"
     assert epochs.describe(20, 15) == "epoch 2, 5 of 15 steps done"
     # checkpoint.json written before: "epoch" held completed epochs; recomputed from the step
-    assert epochs.of_info({"step": 80, "epoch": 5, "steps_per_epoch": 14}) == 6
-    assert epochs.of_info({"epoch": 3}) == 3
+    assert epochs.of_record(CheckpointRecord(step=80, epoch=5, steps_per_epoch=14)) == 6
+    assert epochs.of_record(CheckpointRecord(step=45, epoch=3)) == 3
 
 
 @pytest.mark.parametrize(("train", "hint"), [(TrainConfig(max_steps=120), "--set train.max_steps=240"),
                                              (TrainConfig(epochs=8), "--set train.epochs=9")])
 def test_finished_run_message(train, hint):
     path = Path("runs/enc1/checkpoints/step_00000120")
-    message = finished.check(train, {"step": 120, "steps_per_epoch": 15}, path)
+    message = finished.check(train, CheckpointRecord(step=120, steps_per_epoch=15), path)
     assert message.startswith(f"Run already finished at step 120 (checkpoint {path})")
     assert hint in message and "another --run-dir" in message
-    assert finished.check(TrainConfig(max_steps=121), {"step": 120, "steps_per_epoch": 15}, path) is None
-    assert finished.check(train, {"step": 120}, path) is None  # not a checkpoint of ours: the worker decides
+    assert finished.check(TrainConfig(max_steps=121), CheckpointRecord(step=120, steps_per_epoch=15), path) is None
+    assert finished.check(train, CheckpointRecord(step=120), path) is None  # no steps per epoch: the worker decides
 
 
 def test_ftrun_names_the_nodes_that_left_and_joined():

@@ -13,7 +13,7 @@ from ckpt_testing import ckpt, make_info, make_state, manager
 from helpers import FAST, config_path
 
 from launcher import ckpt as tool
-from launcher.checkpoint import meta
+from launcher.checkpoint import layout
 from launcher.config import load_config
 from launcher.early_stop import EarlyStopping
 from trainers import resolve_trainer
@@ -218,7 +218,11 @@ def test_milestones_survive_retention_and_prune(tmp_path, capsys):
             info["milestone"] = "end of meta-learning"
         m.save(step, make_state(step), info)
     m.close()
-    assert meta.scan(tmp_path / "checkpoints") == [meta.checkpoint_name(s) for s in (50, 40, 20)]
-    assert tool.main(["prune", str(tmp_path), "--keep-last", "1"]) == 0
-    assert meta.scan(tmp_path / "checkpoints") == [meta.checkpoint_name(s) for s in (50, 20)]
+    assert layout.scan(tmp_path / "checkpoints") == [layout.checkpoint_name(s) for s in (50, 40, 20)]
+    m = manager(tmp_path, keep_last=5)  # keeps everything: prune by hand does the same as training
+    for step in (60, 70):
+        m.save(step, make_state(step), make_info(step))
+    m.close()
+    assert tool.main(["prune", str(tmp_path), "--keep-last", "2"]) == 0
+    assert layout.scan(tmp_path / "checkpoints") == [layout.checkpoint_name(s) for s in (70, 60, 20)]
     assert json.loads((ckpt(tmp_path, 20) / "checkpoint.json").read_text())["milestone"] == "end of meta-learning"
