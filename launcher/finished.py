@@ -43,7 +43,7 @@ def check_command(script: str, script_args: list[str], module: bool = False) -> 
     check again on the checkpoint they would resume from.
     """
     from launcher import run as run_py
-    from launcher.checkpoint import files, meta
+    from launcher.checkpoint import files, layout, meta
     from launcher.checkpoint.record import RecordError, read_record
     from launcher.config import ConfigError, load_config
 
@@ -66,12 +66,12 @@ def check_command(script: str, script_args: list[str], module: bool = False) -> 
     if latest is None:
         return None
     try:
-        path = meta.safe_path(root, latest.latest)
+        path = layout.safe_entry(root, latest.latest)
         info = read_record(path)
-    except (meta.UnsafeEntry, OSError, RecordError):
+    except (layout.UnsafeEntry, OSError, RecordError):
         return None
     message = check(train, info, path)
-    return message if message and files.verify(path).ok else None
+    return message if message and files.verify(path, expected_run=layout.run_id(root)).ok else None
 
 
 def _same_file(a: str, b: str) -> bool:
