@@ -41,11 +41,15 @@ class MetricsLog:
         return dropped
 
     def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
+        self.write_many([record])
+
+    def write_many(self, records: list[dict[str, Any]]) -> None:
+        """Append ``records`` with one write and one flush (the loop writes a window of steps at once)."""
+        if not self.enabled or not records:
             return
         if self._f is None:
-            self._f = open(self.path, "a")  # noqa: SIM115 (kept open for the run: one write per step)
-        self._f.write(json.dumps(record) + "\n")
+            self._f = open(self.path, "a")  # noqa: SIM115 (kept open for the run)
+        self._f.write("".join(json.dumps(r) + "\n" for r in records))
         self._f.flush()
 
     def close(self) -> None:
