@@ -66,8 +66,16 @@ class Job:
     def __init__(self, cfg: RunConfig, ft: FaultTolerant):
         self.cfg, self.ft = cfg, ft
         self.trainer: Any = None
+        self.steps_per_epoch = 0
 
     def run(self) -> None:
+        start, total = self.start()
+        for step in range(start, total):
+            if self.step(step):
+                break
+
+    def start(self) -> tuple[int, int]:
+        """Build the trainer, register it, resume; return (first step, total steps)."""
         ft, cfg = self.ft, self.cfg
         # Every generator of every rank starts from the seed, so a fresh attempt and a resumed
         # one draw the same numbers (python's and numpy's are otherwise seeded from the OS).
@@ -76,18 +84,18 @@ class Job:
         self.trainer.setup(TrainContext(config=cfg, rank=ft.rank, world_size=ft.world_size, device=ft.device,
                                         run_dir=ft.run_dir, fresh=not ft.resuming))
         ft.state.add_root(TrainerEntry(self.trainer))
-        spe = self.trainer.steps_per_epoch()
-        total = cfg.train.total_steps(spe)
-        start = ft.resume(total_steps=total, steps_per_epoch=spe)
-        for step in range(start, total):
-            out = self.trainer.train_step(step)
-            if ft.end_step(step, evals=self._evaluate(step + 1, spe), **out):
-                break
+        self.steps_per_epoch = self.trainer.steps_per_epoch()
+        total = cfg.train.total_steps(self.steps_per_epoch)
+        return ft.resume(total_steps=total, steps_per_epoch=self.steps_per_epoch), total
 
-    def _evaluate(self, done: int, spe: int) -> dict[str, float] | None:
+    def step(self, step: int) -> bool:
+        """Take step ``step`` (0-based); True when the run must stop."""
+        out = self.trainer.train_step(step)
+        return self.ft.end_step(step, evals=self._evaluate(step + 1), **out)
+
+    def _evaluate(self, done: int) -> dict[str, float] | None:
         """The trainer's evaluation at each epoch end (``train.eval_every_epoch``)."""
-        if done % spe or not self.cfg.train.eval_every_epoch:
+        if done % self.steps_per_epoch or not self.cfg.train.eval_every_epoch:
             return None
         with self.ft.activity("evaluating"):
             return self.trainer.evaluate()
-
