@@ -212,7 +212,7 @@ class RecommenderTrainer:
         self.scheduler_optimizer.step()
         m = self.cfg.meta.baseline_momentum
         self.moving_avg_reward = m * self.moving_avg_reward + (1 - m) * reward
-        return {"loss": meta_loss.item(), "lr": self.optimizer.param_groups[0]["lr"], "reward": reward,
+        return {"loss": meta_loss.detach(), "lr": self.optimizer.param_groups[0]["lr"], "reward": reward,
                 "phase": 0.0}
 
     def _finetune_step(self, step: int) -> dict[str, float]:
@@ -225,7 +225,7 @@ class RecommenderTrainer:
         loss.backward()
         average_gradients(self.model.parameters())
         self.optimizer.step()
-        return {"loss": loss.item(), "lr": self.optimizer.param_groups[0]["lr"],
+        return {"loss": loss.detach(), "lr": self.optimizer.param_groups[0]["lr"],
                 "reward": self.moving_avg_reward, "phase": 1.0}
 
     @torch.no_grad()
