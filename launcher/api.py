@@ -403,8 +403,8 @@ class FaultTolerant:
             if s % self.log_interval == 0 or s == start + 1 or s == self.total_steps:
                 self.observer.on_step(record)
                 if not quiet:
-                    log.info("step %d/%d epoch %d loss %.5f lr %.3g", s, self.total_steps, record["epoch"],
-                             record["loss"], record.get("lr", float("nan")))
+                    log.info("step %d/%d epoch %d loss %.5f%s", s, self.total_steps, record["epoch"], record["loss"],
+                             f" lr {record['lr']:.3g}" if "lr" in record else "")
         return records[-1]["loss"]
 
     def _evaluation_record(self, n: int, evals: dict[str, float], epoch_end: bool) -> None:
