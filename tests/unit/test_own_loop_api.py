@@ -6,6 +6,7 @@ on a free loopback port), so what is checked is the public API as a script uses 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -14,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from launcher import FaultTolerant, RegistrationError, UsageError, rng
+from launcher import FaultTolerant, RegistrationError, UsageError, events, rng
 from launcher.api import run_main
 from launcher.checkpoint.files import CheckpointError
 from launcher.observe import Observer
@@ -138,6 +139,26 @@ def test_run_main_turns_a_checkpoint_problem_into_exit_code_3(tmp_path):
 def test_unsaveable_values_are_refused_at_register(tmp_path, bad, message):
     with session(tmp_path) as ft, pytest.raises(RegistrationError, match=message):
         ft.register(value=bad)
+
+
+def test_a_preemption_signal_writes_the_checkpoint_of_the_step_and_exits_75(tmp_path):
+    model, opt = build()
+
+    def main() -> int:
+        with session(tmp_path) as ft:
+            ft.register(model=model, optim=opt)
+            for step in range(ft.resume(total_steps=10), 10):
+                if step == 4:
+                    os.kill(os.getpid(), signal.SIGUSR1)  # arrives during step 4: saved after it
+                train(ft, model, opt, step, step + 1)
+                if ft.status:
+                    break
+        return ft.exit_code
+
+    assert run_main(main) == 75
+    meta = json.loads((tmp_path / "checkpoints" / "meta.json").read_text())
+    assert (meta["latest"], meta["step"]) == ("step_00000005", 5)
+    assert [e["step"] for e in events.read(tmp_path) if e["kind"] == "preempted"] == [5]
 
 
 def test_optimizer_of_an_unregistered_model_and_reserved_names_are_refused(tmp_path):
