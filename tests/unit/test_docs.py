@@ -12,7 +12,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent.parent
 DOCS = REPO / "docs"
-OURS = ["quickstart.md", "own-trainer.md", "config.md", "failures.md", "troubleshooting.md"]
+OURS = ["quickstart.md", "own-trainer.md", "own-loop.md", "config.md", "failures.md", "troubleshooting.md"]
 
 
 def load_generator():

@@ -18,6 +18,7 @@ from torch import nn
 from launcher import FaultTolerant, RegistrationError, UsageError, events, rng
 from launcher.api import run_main
 from launcher.checkpoint.files import CheckpointError
+from launcher.checkpoint.manager import CheckpointManager
 from launcher.observe import Observer
 
 pytestmark = pytest.mark.timeout(120)
@@ -81,6 +82,37 @@ def test_resume_restores_models_optimizers_and_plain_values_in_place(tmp_path):
     for a, b in zip(trained.parameters(), model.parameters(), strict=True):
         assert torch.equal(a, b)
     assert opt.state_dict()["state"][0]["step"] == 4
+
+
+def test_one_optimizer_over_two_registered_models_is_keyed_by_their_names(tmp_path):
+    """Seed 002's shape: an encoder and a decoder trained by one AdamW."""
+    def build_pair():
+        torch.manual_seed(0)
+        encoder, decoder = nn.Linear(3, 4), nn.Linear(4, 3)
+        return encoder, decoder, torch.optim.AdamW([*encoder.parameters(), *decoder.parameters()], lr=0.1)
+
+    def steps(ft, encoder, decoder, opt, start, total):
+        for step in range(start, total):
+            loss = decoder(encoder(torch.randn(5, 3, generator=ft.generator(step)))).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            ft.end_step(step, loss=loss.detach())
+
+    encoder, decoder, opt = build_pair()
+    with session(tmp_path) as ft:
+        ft.register(encoder=encoder, decoder=decoder, optim=opt)
+        steps(ft, encoder, decoder, opt, ft.resume(total_steps=3), 3)
+    saved = CheckpointManager.saved_shapes(tmp_path / "checkpoints" / "step_00000003")
+    assert saved["optim.state.encoder.weight.exp_avg"] == (4, 3)
+    assert saved["optim.state.decoder.weight.exp_avg"] == (3, 4)
+    fresh = build_pair()
+    with session(tmp_path) as ft:
+        ft.register(encoder=fresh[0], decoder=fresh[1], optim=fresh[2])
+        ft.resume(total_steps=3)
+    for a, b in zip([*encoder.parameters(), *decoder.parameters()], [*fresh[0].parameters(), *fresh[1].parameters()],
+                    strict=True):
+        assert torch.equal(a, b) and torch.equal(opt.state[a]["exp_avg"], fresh[2].state[b]["exp_avg"])
 
 
 def test_registering_after_resume_is_refused(tmp_path):
