@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -57,7 +58,7 @@ from launcher import events, exit_codes, logs, observers, rng
 from launcher.checkpoint import files
 from launcher.checkpoint.files import CheckpointError
 from launcher.checkpoint.manager import CheckpointManager
-from launcher.config import CheckpointConfig, ConfigError, build_section, diff_configs
+from launcher.config import CheckpointConfig, ConfigError, checkpoint_section, diff_configs, plain_data, under
 from launcher.heartbeat import Heartbeat
 from launcher.metrics import MetricsLog
 from launcher.observe import Observer
@@ -112,7 +113,7 @@ class FaultTolerant:
         if log_interval < 1 or seed < 0:
             raise ValueError(f"log_interval must be >= 1 and seed >= 0, got {log_interval} and {seed}")
         self.run_dir = Path(run_dir)
-        self.config = _plain(dict(config or {}))
+        self.config = plain_data(dict(config or {}))
         self.shape_keys = tuple(shape_keys)
         self.seed, self.log_interval, self.weights_only = seed, log_interval, weights_only
         self.name = name or (Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "script")
@@ -128,7 +129,7 @@ class FaultTolerant:
         self._stack = contextlib.ExitStack()
         try:
             self._set_up(observer, preempt, log_level, configure_logging, timeout_s)
-            self._open_run(_checkpoint_config(checkpoint), best, resume)
+            self._open_run(checkpoint_section(checkpoint), best, resume)
         except BaseException:
             self._stack.close()
             raise
@@ -156,7 +157,6 @@ class FaultTolerant:
 
     def _catch_preemption(self, names: Sequence[str]) -> PreemptionFlag:
         """Install our handlers, and put the previous ones back at the end."""
-        import signal
         flag = PreemptionFlag()
         try:
             previous = {name: signal.getsignal(getattr(signal, name)) for name in names}
@@ -185,7 +185,7 @@ class FaultTolerant:
 
     def _check_config(self, info: dict[str, Any]) -> None:
         changes = diff_configs(info.get("config", {}), self.config)
-        bad = {k: v for k, v in changes.items() if any(_under(k, f) for f in self.shape_keys)}
+        bad = {k: v for k, v in changes.items() if any(under(k, f) for f in self.shape_keys)}
         if bad:
             lines = "\n".join(f"  - {k}: checkpoint has {a!r}, config has {b!r}" for k, (a, b) in bad.items())
             raise CheckpointError(
@@ -573,32 +573,6 @@ def run_main(main: Callable[..., int | None], *args: Any, **kwargs: Any) -> int:
         log.error("%s", e)
         return exit_codes.CONFIG_ERROR
     return exit_codes.OK if code is None else int(code)
-
-
-def _checkpoint_config(value: CheckpointConfig | Mapping[str, Any] | None) -> CheckpointConfig:
-    if isinstance(value, CheckpointConfig):
-        return value
-    problems: list[str] = []
-    built = build_section(CheckpointConfig, dict(value or {}), "checkpoint", problems)
-    if problems:
-        raise ConfigError(problems, source="FaultTolerant(checkpoint=...)")
-    return built
-
-
-def _under(key: str, field: str) -> bool:
-    """``key`` is ``field`` or lies under it (``model.`` covers ``model.dim``; ``hidden`` only itself)."""
-    return key == field or key.startswith(field if field.endswith(".") else f"{field}.")
-
-
-def _plain(value: Any) -> Any:
-    """``value`` as plain JSON/YAML data (paths and other objects as strings)."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
 
 
 def _numbers(values: Mapping[str, Any], what: str) -> dict[str, float]:

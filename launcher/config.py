@@ -311,3 +311,30 @@ def diff_configs(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[An
     """Fields whose values differ, as ``{"a.b": (old, new)}``."""
     a, b = flatten(old), flatten(new)
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def checkpoint_section(value: CheckpointConfig | dict[str, Any] | None) -> CheckpointConfig:
+    """A ``CheckpointConfig`` from itself or a mapping of its fields (YAML spellings), checked."""
+    if isinstance(value, CheckpointConfig):
+        return value
+    problems: list[str] = []
+    built = build_section(CheckpointConfig, dict(value or {}), "checkpoint", problems)
+    if problems:
+        raise ConfigError(problems, source="checkpoint settings")
+    return built
+
+
+def under(key: str, field: str) -> bool:
+    """``key`` is ``field`` or lies under it (``model.`` covers ``model.dim``; ``hidden`` only itself)."""
+    return key == field or key.startswith(field if field.endswith(".") else f"{field}.")
+
+
+def plain_data(value: Any) -> Any:
+    """``value`` as plain JSON/YAML data (paths and other objects as strings), to save with a checkpoint."""
+    if isinstance(value, dict):
+        return {str(k): plain_data(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_data(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
