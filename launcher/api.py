@@ -165,7 +165,8 @@ class FaultTolerant:
             log.warning("Preemption signals are not caught: FaultTolerant was created outside the main thread")
             return flag
         for name, handler in previous.items():
-            self._stack.callback(signal.signal, getattr(signal, name), handler)
+            if handler is not None:  # None: a handler installed outside Python, which cannot be put back
+                self._stack.callback(signal.signal, getattr(signal, name), handler)
         return flag
 
     def _open_run(self, ckpt_cfg: CheckpointConfig, best: tuple[str, str], resume: str) -> None:
