@@ -81,7 +81,8 @@ class StepLog:
                  sync_seconds: float = SYNC_SECONDS, clock: Callable[[], float] = time.perf_counter):
         self.world, self.interval, self.reduce = world_size, log_interval, reduce
         self.sync_seconds, self.clock = sync_seconds, clock
-        self.keys: tuple[str, ...] = ()
+        self.keys: tuple[str, ...] = ()  # the metric names, sorted (their order in each row)
+        self._order: tuple[str, ...] = ()  # the names in the order the caller passed them last
         self.next_sync = 0
         self._steps: list[int] = []
         self._rows: list[list[Any]] = []
@@ -91,13 +92,25 @@ class StepLog:
     def start(self, step: int) -> None:
         """An attempt starts after ``step`` completed steps: its first step is a sync point."""
         self._steps, self._rows, self._times = [], [], []
-        self.keys = ()
+        self.keys, self._order = (), ()
         self.next_sync = step + 1
         self._window_start = self.clock()
 
     def add(self, step: int, metrics: Mapping[str, Any], now: float) -> None:
-        """Buffer the metrics of completed step ``step`` (numbers or one-element tensors)."""
-        keys = tuple(sorted(metrics))
+        """Buffer the metrics of completed step ``step`` (numbers or one-element tensors).
+
+        Only the names are checked here, and only when they change; the values are checked at
+        the sync point that reads them (this runs every step and must cost next to nothing).
+        """
+        order = tuple(metrics)
+        if order != self._order:
+            self._set_names(order, step)
+        self._steps.append(step)
+        self._rows.append([metrics[k] for k in self.keys])
+        self._times.append(now)
+
+    def _set_names(self, order: tuple[str, ...], step: int) -> None:
+        keys = tuple(sorted(order))
         if self.keys and keys != self.keys:
             raise ValueError(f"end_step: the metric names changed from {', '.join(self.keys)} to {', '.join(keys)} "
                              f"at step {step}; pass the same names at every step (float('nan') for a value a "
@@ -105,18 +118,7 @@ class StepLog:
         for k in keys:
             if k in RECORD_KEYS:
                 raise ValueError(f"end_step(..., {k}=...): {k!r} is set by the loop itself; rename the metric")
-            v = metrics[k]
-            if isinstance(v, torch.Tensor):
-                if v.numel() != 1:
-                    raise ValueError(f"end_step(..., {k}=...): a tensor of {v.numel()} values; pass a number or "
-                                     f"a one-element tensor (e.g. the batch's mean loss)")
-            elif not isinstance(v, numbers.Real):
-                raise ValueError(f"end_step(..., {k}=...): expected a number or a one-element tensor, got "
-                                 f"{type(v).__name__}")
-        self.keys = keys
-        self._steps.append(step)
-        self._rows.append([metrics[k] for k in keys])
-        self._times.append(now)
+        self.keys, self._order = keys, order
 
     def due(self, step: int, forced: bool = False) -> bool:
         """Whether completed step ``step`` is a sync point (``forced``: the caller's own reasons)."""
@@ -130,10 +132,13 @@ class StepLog:
         for s, row in zip(self._steps, self._rows, strict=True):
             base = ((s - 1) % self.interval) * m
             for j, v in enumerate(row):
-                if isinstance(v, torch.Tensor):
+                if isinstance(v, torch.Tensor) and v.numel() == 1:
                     tensors.append((base + j, v))
-                else:
+                elif isinstance(v, numbers.Real):
                     values[base + j] = float(v)
+                else:
+                    raise ValueError(f"end_step(..., {self.keys[j]}=...) at step {s}: expected a number or a "
+                                     f"one-element tensor (e.g. the batch's mean loss), got {_describe(v)}")
         if tensors:  # one device-to-host copy for the whole window
             device = tensors[0][1].device
             host = torch.stack([t.detach().to(device, torch.float64).reshape(()) for _, t in tensors]).cpu()
@@ -154,3 +159,9 @@ class StepLog:
         self._steps, self._rows, self._times = [], [], []
         self._window_start = self.clock()
         return Synced(records, out[-3] > 0, out[-2] > 0)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of {value.numel()} values"
+    return type(value).__name__
