@@ -144,7 +144,11 @@ class StepLog:
             host = torch.stack([t.detach().to(device, torch.float64).reshape(()) for _, t in tensors]).cpu()
             for (i, _), x in zip(tensors, host.tolist(), strict=True):
                 values[i] = x
-        values[-3:] = [float(wants_save), float(preempted), self.clock() - self._window_start]
+        # This rank's time per step: from the steps' own timestamps (a pause before the window's
+        # first step, e.g. an evaluation, does not count), or since the last sync for one step.
+        per_step = ((self._times[-1] - self._times[0]) / (n_steps - 1) if n_steps > 1
+                    else self.clock() - self._window_start)
+        values[-3:] = [float(wants_save), float(preempted), max(per_step, 0.0)]
         vec = torch.tensor(values, dtype=torch.float64)
         if self.reduce is not None and self.world > 1:
             self.reduce(vec)
@@ -153,7 +157,7 @@ class StepLog:
         for s, t in zip(self._steps, self._times, strict=True):
             base = ((s - 1) % self.interval) * m
             records.append((s, {k: out[base + j] / self.world for j, k in enumerate(self.keys)}, t))
-        mean_step = out[-1] / self.world / n_steps
+        mean_step = out[-1] / self.world
         allowed = math.floor(self.sync_seconds / mean_step) if mean_step > 0 else self.interval
         self.next_sync = step + max(1, min(self.interval, allowed))
         self._steps, self._rows, self._times = [], [], []
