@@ -36,7 +36,7 @@ class TrainConfig:
     max_steps: int = 100  # total optimizer steps of the run (not of this attempt)
     epochs: int = 0  # if > 0, the run's length in epochs instead of max_steps
     seed: int = 0  # seeds data order, model init and every rank's RNG
-    log_interval: int = 10  # progress line every N steps when output is not a terminal
+    log_interval: int = 10  # progress (bar or line), TensorBoard point and agreement of the ranks every N steps
     eval_every_epoch: bool = True  # run the trainer's evaluation at each epoch end
 
     def total_steps(self, steps_per_epoch: int) -> int:
