@@ -349,8 +349,9 @@ class FaultTolerant:
         if "loss" not in metrics:
             raise UsageError("end_step(step, loss=...): the step's loss is required (it makes the epoch's "
                              "train_loss); add any other metrics as keywords")
-        n = self.progress.step = step + 1
+        n = step + 1
         self._steps.add(n, metrics, time.time())
+        self.progress.step = n
         epoch_end = n % self.steps_per_epoch == 0
         final = n >= self.total_steps
         due = self.manager.due(n, epoch_end, final, False)
