@@ -145,7 +145,7 @@ class MyTrainer:
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
-        return {"loss": loss.item(), "lr": lr}
+        return {"loss": loss.detach(), "lr": lr}  # a tensor: no device sync here
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

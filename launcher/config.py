@@ -40,7 +40,7 @@ class TrainConfig:
     max_steps: int = 100  # total optimizer steps of the run (not of this attempt)
     epochs: int = 0  # if > 0, the run's length in epochs instead of max_steps
     seed: int = 0  # seeds data order, model init and every rank's RNG
-    log_interval: int = 10  # progress line every N steps when output is not a terminal
+    log_interval: int = 10  # progress (bar or line), TensorBoard point and agreement of the ranks every N steps
     eval_every_epoch: bool = True  # run the trainer's evaluation at each epoch end
     early_stop_patience: int = 0  # stop when the best metric has not improved for this many evaluations (0 = off)
     early_stop_min_delta: float = 0.0  # smallest change of the best metric that counts as an improvement
@@ -336,3 +336,30 @@ def diff_configs(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[An
     """Fields whose values differ, as ``{"a.b": (old, new)}``."""
     a, b = flatten(old), flatten(new)
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def checkpoint_section(value: CheckpointConfig | dict[str, Any] | None) -> CheckpointConfig:
+    """A ``CheckpointConfig`` from itself or a mapping of its fields (YAML spellings), checked."""
+    if isinstance(value, CheckpointConfig):
+        return value
+    problems: list[str] = []
+    built = build_section(CheckpointConfig, dict(value or {}), "checkpoint", problems)
+    if problems:
+        raise ConfigError(problems, source="checkpoint settings")
+    return built
+
+
+def under(key: str, field: str) -> bool:
+    """``key`` is ``field`` or lies under it (``model.`` covers ``model.dim``; ``hidden`` only itself)."""
+    return key == field or key.startswith(field if field.endswith(".") else f"{field}.")
+
+
+def plain_data(value: Any) -> Any:
+    """``value`` as plain JSON/YAML data (paths and other objects as strings), to save with a checkpoint."""
+    if isinstance(value, dict):
+        return {str(k): plain_data(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_data(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)

@@ -1,7 +1,17 @@
-"""Process groups: one for training, one (gloo) for checkpoint collectives.
+"""Process groups: the training group, and two gloo groups of our own.
 
 ``python launcher/run.py`` with no launcher still initialises a one-process group, so one
 process and N processes run the same code (DDP, DCP, barriers) and differ only in size.
+
+Besides the training group (nccl on CUDA, gloo on CPU) every process joins two gloo groups:
+
+* ``ckpt_group`` for checkpoint collectives: an async save's background thread would
+  otherwise interleave its collectives with the training thread's and deadlock;
+* ``control_group`` for the training loop's own agreement (metrics, the save and preemption
+  flags): small CPU tensors, so on CUDA our bookkeeping never waits for the device.
+
+A script that initialised the process group itself keeps it (:func:`attach`); only a group
+this module created is destroyed at the end.
 """
 
 from __future__ import annotations
@@ -33,6 +43,8 @@ class DistContext:
     device: torch.device
     backend: str
     ckpt_group: dist.ProcessGroup  # gloo, so checkpoint collectives never queue behind NCCL ones
+    control_group: dist.ProcessGroup | None = None  # gloo, the loop's metrics and flags
+    owns_group: bool = True  # the default group was created here (and is destroyed by shutdown)
 
     @property
     def is_main(self) -> bool:
@@ -112,13 +124,18 @@ def rendezvous_store_on_endpoint():
         backend.TCPStore = original
 
 
-def init(env: ClusterEnv, timeout_s: float = 300.0) -> DistContext:
-    """Initialise the default process group and a gloo group for checkpointing."""
-    if torch.cuda.is_available():
-        backend, device = "nccl", torch.device("cuda", env.local_rank)
+def _device_for(backend: str, env: ClusterEnv) -> torch.device:
+    if backend == "nccl":
+        device = torch.device("cuda", env.local_rank)
         torch.cuda.set_device(device)
-    else:
-        backend, device = "gloo", torch.device("cpu")
+        return device
+    return torch.device("cpu")
+
+
+def init(env: ClusterEnv, timeout_s: float = 300.0) -> DistContext:
+    """Initialise the default process group and our two gloo groups."""
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    device = _device_for(backend, env)
     timeout = datetime.timedelta(seconds=timeout_s)
     kwargs: dict = {}
     if env.kind == "torchrun" and env.use_agent_store:
@@ -134,11 +151,23 @@ def init(env: ClusterEnv, timeout_s: float = 300.0) -> DistContext:
                                         timeout=timeout)
     dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
                             timeout=timeout, **kwargs)
-    # Checkpoint collectives run on their own gloo group: an async save's background
-    # thread would otherwise interleave with training collectives and deadlock.
+    return _with_groups(env, dist.get_rank(), dist.get_world_size(), device, backend, timeout, owns=True)
+
+
+def attach(env: ClusterEnv, timeout_s: float = 300.0) -> DistContext:
+    """Use the default process group a script initialised itself; add our two gloo groups."""
+    backend = str(dist.get_backend())
+    device = _device_for("nccl", env) if "nccl" in backend else torch.device("cpu")
+    return _with_groups(env, dist.get_rank(), dist.get_world_size(), device, backend,
+                        datetime.timedelta(seconds=timeout_s), owns=False)
+
+
+def _with_groups(env: ClusterEnv, rank: int, world: int, device: torch.device, backend: str,
+                 timeout: datetime.timedelta, owns: bool) -> DistContext:
     ckpt_group = dist.new_group(backend="gloo", timeout=timeout)
-    return DistContext(env=env, rank=env.rank, world_size=env.world_size, device=device,
-                       backend=backend, ckpt_group=ckpt_group)
+    control_group = dist.new_group(backend="gloo", timeout=timeout)
+    return DistContext(env=env, rank=rank, world_size=world, device=device, backend=backend,
+                       ckpt_group=ckpt_group, control_group=control_group, owns_group=owns)
 
 
 def agree(outcome: Any, group: dist.ProcessGroup | None, world_size: int) -> list[Any]:
@@ -154,6 +183,13 @@ def agree(outcome: Any, group: dist.ProcessGroup | None, world_size: int) -> lis
     return [o for o in gathered if o is not None]
 
 
-def shutdown() -> None:
-    if dist.is_initialized():
+def shutdown(ctx: DistContext | None = None) -> None:
+    """Destroy the process group if it is ours (``ctx`` None: whatever is initialised)."""
+    if not dist.is_initialized():
+        return
+    if ctx is None or ctx.owns_group:
         dist.destroy_process_group()
+        return
+    for group in (ctx.ckpt_group, ctx.control_group):
+        if group is not None:
+            dist.destroy_process_group(group)

@@ -82,12 +82,16 @@ class MetricsLog:
         return dropped
 
     def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
+        self.write_many([record])
+
+    def write_many(self, records: list[dict[str, Any]]) -> None:
+        """Append ``records`` with one write and one flush (the loop writes a window of steps at once)."""
+        if not self.enabled or not records:
             return
         try:
             if self._f is None:
                 self._f = fileio.open_append(self.path)
-            self._f.write(json.dumps(record) + "\n")
+            self._f.write("".join(json.dumps(r) + "\n" for r in records))
             self._f.flush()
         except OSError as e:
             raise _problem("write", self.path, e) from None

@@ -18,7 +18,10 @@ class Observer:
         """Training is about to start (or continue) at ``start_step`` of ``total_steps``."""
 
     def on_step(self, record: dict[str, Any]) -> None:
-        """A step finished; ``record`` is its metrics.jsonl record (step, epoch, loss, lr, time, ...)."""
+        """A logged step finished: every ``log_interval``-th step, and the first and last of an
+        attempt. ``record`` is its metrics.jsonl record (step, epoch, loss, lr, time, ...), whose
+        values are means over the ranks. Every step has a record in metrics.jsonl; only these
+        reach the observer, so showing progress costs nothing on the other steps."""
 
     def on_eval(self, record: dict[str, Any]) -> None:
         """An epoch ended; ``record`` has step, epoch, train_loss and the evaluation metrics."""

@@ -1,7 +1,8 @@
 """Preemption: a signal asks for a checkpoint at the end of the current step, then exit 75.
 
-The handler only sets a flag; the training loop combines it across ranks with the per-step
-all-reduce, so every rank stops after the same step and writes one checkpoint together.
+The handler only sets a flag; the training loop combines it across ranks at its sync points
+(``launcher/steps.py``: within about a second of training), so every rank stops after the same
+step and writes one checkpoint together.
 A second signal during the save sets the same flag again and changes nothing: the handler
 never raises, so it cannot interrupt a half-written file (Python retries an interrupted
 system call, PEP 475), and the checkpoint is published only once every rank's shard is verified.
@@ -24,7 +25,7 @@ DEFAULT_SIGNALS = DEFAULT_PREEMPT_SIGNALS
 
 
 class PreemptionFlag:
-    """Set by the first of the preemption signals; read once per step by the training loop."""
+    """Set by the first of the preemption signals; read by the training loop at every step end."""
 
     def __init__(self) -> None:
         self.signum: int | None = None

@@ -3,7 +3,9 @@
 #   1. encoder and recommender train on cuda:0 with the nccl backend (one process via torchrun);
 #   2. a run SIGKILLed right after its step-15 checkpoint and resumed ends bit-equal to an
 #      uninterrupted one on the GPU (or the script prints where it differs);
-#   3. an async-save run equals a synchronous one.
+#   3. an async-save run equals a synchronous one;
+#   4. examples/own_loop.py (the public API) killed after its step-20 checkpoint and resumed ends
+#      bit-equal to an uninterrupted run on the GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -23,19 +25,26 @@ grep -h "Resumed at" "$OUT/resume.log"
 trun --config configs/encoder.yaml --run-dir "$OUT/async" "${FAST[@]}" --set checkpoint.async=true > "$OUT/async.log" 2>&1; echo "async exit $?"
 trun --config configs/recommender.yaml --run-dir "$OUT/rec" --set train.max_steps=30 > "$OUT/rec.log" 2>&1; echo "recommender exit $?"
 grep -h "epoch .* done" "$OUT/rec.log" | tail -1
+OWN=(--epochs 2 --samples 512 --batch-size 32 --save-every 10)  # 28 steps
+own() { "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 examples/own_loop.py "$@"; }
+own --run-dir "$OUT/own" "${OWN[@]}" > "$OUT/own.log" 2>&1; echo "own loop exit $?"
+FTLAUNCH_FAILPOINT=after_meta:20 own --run-dir "$OUT/own-broken" "${OWN[@]}" > "$OUT/own-broken.log" 2>&1
+echo "own loop failpoint run exit $? (expected non-zero)"
+own --run-dir "$OUT/own-broken" "${OWN[@]}" > "$OUT/own-resume.log" 2>&1; echo "own loop resume exit $?"
 "$PY" - "$OUT" <<'PYEOF'
 import sys
 sys.path.insert(0, "tests")
 from pathlib import Path
 from helpers import checkpoint_tensors, assert_bit_equal
 out = Path(sys.argv[1])
-final = lambda run: checkpoint_tensors(out / run / "checkpoints" / "step_00000030")
-clean = final("clean")
-for other in ("broken", "async"):
+pairs = [("clean", "broken", 30), ("clean", "async", 30), ("own", "own-broken", 28)]
+for ref, other, step in pairs:
     try:
-        n = assert_bit_equal(clean, final(other), ("model", "optim", "lr_scheduler", "rng"))
+        name = f"checkpoints/step_{step:08d}"
+        n = assert_bit_equal(checkpoint_tensors(out / ref / name), checkpoint_tensors(out / other / name),
+                             ("model", "optim", "lr_scheduler", "rng", "best"))
         print(f"{other}: {n} tensors bit-equal to the uninterrupted GPU run")
-    except AssertionError as e:
+    except (AssertionError, OSError) as e:
         print(f"{other}: DIFFERS: {e}")
 PYEOF
-for f in "$OUT"/clean.log "$OUT"/resume.log "$OUT"/async.log "$OUT"/rec.log; do if grep -q "Traceback" "$f"; then echo "== $f"; grep -A 30 Traceback "$f" | head -40; fi; done
+for f in "$OUT"/clean.log "$OUT"/resume.log "$OUT"/async.log "$OUT"/rec.log "$OUT"/own.log "$OUT"/own-resume.log; do if grep -q "Traceback" "$f"; then echo "== $f"; grep -A 30 Traceback "$f" | head -40; fi; done

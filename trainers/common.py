@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 
 import torch
 import torch.distributed as dist
@@ -14,34 +13,16 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+# The data order is the launcher's (one owner for what exact resume needs); re-exported here
+# for trainers written against this module.
+from launcher.rng import epoch_permutation, global_batch_indices
+
+__all__ = ["DataError", "all_reduce_mean", "average_gradients", "epoch_permutation", "global_batch_indices",
+           "load_module_state", "load_optimizer_state", "module_state", "optimizer_state", "warmup_cosine"]
+
 
 class DataError(ValueError):
     """A data file that cannot be used, with the file, the place and what was expected."""
-
-
-@lru_cache(maxsize=2)
-def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The order of the ``n`` training samples in ``epoch``: a pure function of its arguments."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g)
-
-
-def global_batch_indices(n: int, global_batch: int, seed: int, step: int, rank: int, world: int) -> torch.Tensor:
-    """Sample indices this rank trains on at ``step``.
-
-    The global batch (``global_batch`` samples) at each step depends only on the step and the
-    seed; rank ``r`` takes slice ``r`` of it. The data position is therefore the global sample
-    count ``step * global_batch`` whatever the world size, so a job that resumes at a
-    different world size neither skips nor repeats a sample.
-    """
-    if global_batch % world:
-        raise ValueError(f"data.batch_size = {global_batch} is the global batch and must be divisible "
-                         f"by the world size {world}; choose a multiple of {world}")
-    spe = n // global_batch
-    epoch, k = divmod(step, spe)
-    batch = epoch_permutation(n, seed, epoch)[k * global_batch:(k + 1) * global_batch]
-    per = global_batch // world
-    return batch[rank * per:(rank + 1) * per]
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.0):

@@ -69,8 +69,13 @@ class Trainer(Protocol):
     def steps_per_epoch(self) -> int:
         """Optimizer steps in one pass over the training data."""
 
-    def train_step(self, step: int) -> dict[str, float]:
-        """Take optimizer step number ``step``; return this rank's ``loss``, ``lr`` and any extras."""
+    def train_step(self, step: int) -> dict[str, float | torch.Tensor]:
+        """Take optimizer step number ``step``; return this rank's ``loss``, ``lr`` and any extras.
+
+        Values are numbers or one-element tensors. Return ``loss.detach()`` rather than
+        ``loss.item()``: the loop reads tensors only every ``train.log_interval`` steps, so on
+        CUDA the step does not wait for the device.
+        """
 
     def evaluate(self) -> dict[str, float]:
         """Metrics on held-out data, identical on every rank (reduce them if data is split)."""

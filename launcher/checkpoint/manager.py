@@ -238,8 +238,8 @@ class CheckpointManager:
     def local_wants_save(self) -> bool:
         """This rank's own reasons to save now that other ranks cannot see (time, request).
 
-        The training loop combines this flag across ranks with a MAX all-reduce, so every
-        rank saves at the same step even though their clocks differ.
+        The training loop combines this flag across ranks at its sync points (``launcher/steps.py``),
+        so every rank saves at the same step even though their clocks differ.
         """
         timed = self.cfg.interval_seconds > 0 and self.clock() - self._last_save_time >= self.cfg.interval_seconds
         return self._requested or timed

@@ -174,11 +174,9 @@ HOLDER = textwrap.dedent("""
 
 
 def _lock_job(run_dir: Path) -> None:
-    """Run training.Job's lock step on ``run_dir`` without building a whole job."""
-    from launcher.training import Job
-    job = SimpleNamespace(run_dir=run_dir, ctx=SimpleNamespace(is_main=True, world_size=1), _lock=None)
-    Job._lock_run_dir(job)
-    job._lock.release()
+    """Run the training session's lock step on ``run_dir`` without building a whole job."""
+    from launcher.startup import lock_run_dir
+    lock_run_dir(run_dir, SimpleNamespace(is_main=True, world_size=1)).release()
 
 
 def _hold_lock(path: Path) -> subprocess.Popen:

@@ -12,7 +12,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent.parent
 DOCS = REPO / "docs"
-OURS = ["quickstart.md", "own-trainer.md", "config.md", "failures.md", "troubleshooting.md", "workflows.md"]
+OURS = ["quickstart.md", "own-trainer.md", "own-loop.md", "config.md", "failures.md", "troubleshooting.md",
+        "workflows.md"]
 
 
 def load_generator():

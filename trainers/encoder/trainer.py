@@ -178,7 +178,7 @@ class EncoderTrainer:
         if self.cfg.optim.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         self.optimizer.step()
-        return {"loss": loss.item(), "lr": lr}
+        return {"loss": loss.detach(), "lr": lr}  # a tensor: no device sync here
 
     # ------------------------------------------------------------------ evaluation
 

@@ -306,7 +306,7 @@ class RecommenderTrainer:
         self.scheduler_optimizer.step()
         m = self.cfg.meta.baseline_momentum
         self.moving_avg_reward = m * self.moving_avg_reward + (1 - m) * reward
-        return {"loss": meta_loss.item(), "reward": reward, "phase": 0.0}
+        return {"loss": meta_loss.detach(), "reward": reward, "phase": 0.0}
 
     def _finetune_step(self, histories: list) -> dict[str, float]:
         items, valid = pad([list(h) for h in histories], self.device)
@@ -316,7 +316,7 @@ class RecommenderTrainer:
         loss.backward()
         average_gradients(self.model.parameters())
         self.optimizer.step()
-        return {"loss": loss.item(), "reward": self.moving_avg_reward, "phase": 1.0}
+        return {"loss": loss.detach(), "reward": self.moving_avg_reward, "phase": 1.0}  # a tensor: no sync here
 
     # ------------------------------------------------------------------ evaluation
 
