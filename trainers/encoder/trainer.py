@@ -14,6 +14,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from launcher.config import Checks
+from launcher.exact import make_deterministic
 from trainers.common import (
     all_reduce_mean,
     global_batch_indices,
@@ -109,7 +110,9 @@ class EncoderTrainer:
         m = cfg.model
         net = TemporalEncoder(self.train_x.shape[-1], cfg.data.window, m.d_model, m.n_heads, m.n_layers,
                               m.ff_dim, m.dropout).to(self.device)
-        self.model = DDP(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        # Gradients averaged in rank order: a resumed run reduces each step as an uninterrupted one did.
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        self.model = make_deterministic(DDP(net, device_ids=device_ids))
         self.schedule_offset = 0  # step at which the lr schedule (re)started (--reset-optimizer)
         self._build_optimizer()
         # Each rank draws its own masks and dropout from its own stream, restored on resume.

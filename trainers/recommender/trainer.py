@@ -26,10 +26,10 @@ import torch
 from torch.func import functional_call
 
 from launcher.config import Checks
+from launcher.exact import average_gradients
 from trainers.common import (
     DataError,
     all_reduce_mean,
-    average_gradients,
     global_batch_indices,
     load_module_state,
     load_optimizer_state,
