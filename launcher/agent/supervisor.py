@@ -17,9 +17,11 @@ new agents wait for the store host to come back until the rendezvous join timeou
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import signal
+import threading
 import time
 
 import torch.distributed as dist
@@ -33,11 +35,13 @@ from torch.distributed.elastic.rendezvous.api import (
     RendezvousStateError,
     RendezvousTimeoutError,
 )
+from torch.distributed.elastic.rendezvous.static_tcp_rendezvous import StaticTCPRendezvous
 from torch.distributed.launcher.api import LaunchConfig, _get_addr_and_port
 
 from launcher.agent.agent import AgentOptions, FtAgent
 from launcher.agent.policy import Action
 from launcher.agent.report import Recorder, format_summary
+from launcher.agent.static import FreshStoreStatic
 
 log = logging.getLogger("ftrun")
 
@@ -52,6 +56,10 @@ def launch_once(config: LaunchConfig, entrypoint, args: list[str], options: Agen
                                   min_nodes=config.min_nodes, max_nodes=config.max_nodes,
                                   local_addr=config.local_addr, **config.rdzv_configs)
     master_addr, master_port = _get_addr_and_port(params)
+    rdzv_handler = rdzv_registry.get_rendezvous_handler(params)
+    if isinstance(rdzv_handler, StaticTCPRendezvous):
+        # A fresh worker store per round (launcher/agent/static.py); its address comes from the round.
+        rdzv_handler, master_addr, master_port = FreshStoreStatic(rdzv_handler), None, None
     os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = config.signals_to_handle
     # By default torch's workers keep using rank 0's agent store across restarts, and a
     # restarted gloo group reads its dead predecessors' addresses from it ("Gloo
@@ -59,7 +67,7 @@ def launch_once(config: LaunchConfig, entrypoint, args: list[str], options: Agen
     # spent. Torch's opt-out gives each attempt a fresh store, hosted by worker rank 0.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     spec = WorkerSpec(role=config.role, local_world_size=config.nproc_per_node, entrypoint=entrypoint,
-                      args=tuple(args), rdzv_handler=rdzv_registry.get_rendezvous_handler(params),
+                      args=tuple(args), rdzv_handler=rdzv_handler,
                       max_restarts=config.max_restarts, monitor_interval=config.monitor_interval,
                       master_addr=master_addr, master_port=master_port, local_addr=config.local_addr,
                       event_log_handler=config.event_log_handler, numa_options=config.numa_options,
@@ -89,8 +97,23 @@ def launch_once(config: LaunchConfig, entrypoint, args: list[str], options: Agen
     return 0 if final.action is Action.SUCCEED else (final.exit_code or 1)
 
 
+def preload_failure_path() -> threading.Thread:
+    """Import, in the background, what the agent first needs when a worker fails.
+
+    torch's log formatter imports ``torch._dynamo`` (and sympy) the first time it formats a
+    record with a traceback, which is torch's report of a failed worker: 3-5 s on the loaded
+    2-core test machine, spent between the failure and the restart. Done now, it overlaps the
+    rendezvous and the workers' start-up instead.
+    """
+    thread = threading.Thread(target=importlib.import_module, args=("torch._dynamo",), name="ftrun-preload",
+                              daemon=True)
+    thread.start()
+    return thread
+
+
 def supervise(config: LaunchConfig, entrypoint, args: list[str], options: AgentOptions, store_reforms: int) -> int:
     """Run agents on this node until the job ends; print the summary; return the exit code."""
+    preload_failure_path()
     recorder = Recorder(options.run_dir)
     reforms, code, result = 0, 1, "failed"
     try:
