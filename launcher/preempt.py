@@ -1,26 +1,46 @@
-"""Preemption: a signal asks for a checkpoint at the end of the current step, then exit 75.
+"""Signals and teardown: when a worker checkpoints and exits 75, and when it ends at once.
 
-The handler only sets a flag; the training loop combines it across ranks with the per-step
-all-reduce, so every rank stops after the same step and writes one checkpoint together.
-A second signal during the save sets the same flag again and changes nothing: the handler
-never raises, so it cannot interrupt a half-written file (Python retries an interrupted
-system call, PEP 475), and the checkpoint is published only once every rank's shard is verified.
+The rule (``docs/failures.md``, "SIGTERM: preemption or teardown"):
 
-Which signals count is the job's choice: ``FTLAUNCH_PREEMPT_SIGNALS`` (read by
-``launcher/env.py``, default SIGTERM and SIGUSR1).
+* **Preemption.** A preemption signal (``FTLAUNCH_PREEMPT_SIGNALS``, default SIGTERM and SIGUSR1,
+  read by ``launcher/env.py``) that reaches a *training* worker asks for a checkpoint at the end
+  of the current step, then exit 75. The handler only sets a flag; the training loop combines it
+  across ranks with the per-step all-reduce, so every rank stops after the same step and writes
+  one checkpoint together. A second signal during the save changes nothing: the handler never
+  raises, so it cannot interrupt a half-written file (Python retries an interrupted system
+  call, PEP 475), and the checkpoint is published only once every rank's shard is verified.
+* **Teardown.** SIGTERM is also what torchrun's (and ftrun's) agent sends to the surviving
+  workers when a peer failed, and what it sends to a group it abandons while it is still
+  starting. Such a worker cannot checkpoint (its collectives fail) or has nothing new to save
+  (it has not trained a step since the checkpoint it loaded), and waiting for it costs the
+  agent's shutdown timeout (30 s under torchrun). So a worker ends **at once**, through
+  :func:`teardown`, when SIGTERM arrives while it is still starting (process group, resume), or
+  when a collective fails because a peer is gone (:func:`is_peer_failure`), signal or not.
+
+:func:`teardown` is the one place where a worker decides "my group is being torn down after a
+peer failed". A just-in-time snapshot of the last clean step boundary belongs there.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 from collections.abc import Iterable
+from typing import NoReturn
 
 from launcher.env import DEFAULT_PREEMPT_SIGNALS
 
 log = logging.getLogger("launcher.preempt")
 
 DEFAULT_SIGNALS = DEFAULT_PREEMPT_SIGNALS
+TEARDOWN_SIGNAL = signal.SIGTERM  # the agents' teardown request (torch's _get_default_signal)
+
+# What gloo raises (a plain RuntimeError) when a peer process is gone or unreachable; NCCL and
+# the store raise torch.distributed.DistError subclasses instead.
+GLOO_PEER_ERRORS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused",
+                    "Timed out waiting", "connectFullMesh", "Socket Timeout")
 
 
 class PreemptionFlag:
@@ -29,6 +49,7 @@ class PreemptionFlag:
     def __init__(self) -> None:
         self.signum: int | None = None
         self.count = 0  # signals received, repeats included
+        self.starting = True  # until the training loop begins: SIGTERM now is a teardown
 
     @property
     def raised(self) -> bool:
@@ -43,11 +64,48 @@ class PreemptionFlag:
         for name in names:
             signal.signal(getattr(signal, name), self._handle)
 
+    def training(self) -> None:
+        """The training loop begins: from now on SIGTERM is a preemption unless a collective fails."""
+        self.starting = False
+
     def _handle(self, signum, frame) -> None:
         self.count += 1
+        if signum == TEARDOWN_SIGNAL and self.starting:
+            teardown(f"{signal.Signals(signum).name} while starting (no step trained since the checkpoint it "
+                     f"resumes from: nothing to save)", signum=signum)
         if self.signum is None:
             self.signum = signum
             log.warning("Received %s: will checkpoint after the current step and exit",
                         signal.Signals(signum).name)
         else:
             log.info("Received %s again: the checkpoint is already under way", signal.Signals(signum).name)
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """True if ``error`` means a collective failed because another rank is gone or unreachable."""
+    import torch.distributed as dist  # late: launcher/run.py imports this module before torch
+
+    if isinstance(error, dist.DistError):
+        return True
+    return isinstance(error, RuntimeError) and any(p in str(error) for p in GLOO_PEER_ERRORS)
+
+
+def teardown(reason: str, signum: int | None = None) -> NoReturn:
+    """End this worker now: its group is being torn down after a peer failed.
+
+    Nothing more can be saved consistently here (a collective failed, or no step was trained
+    since the last checkpoint), and clean-up could block on the dead peer (an async save, the
+    process group's destruction), so the process ends without it: by ``signum`` with its
+    default action when a signal asked for this (the exit status a plain script would have),
+    else with exit code 1. The run directory's lock is released by the kernel, and the resume
+    point is the latest verified checkpoint, untouched.
+    """
+    log.warning("Ending this worker at once: %s", reason)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if signum is not None:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+    os._exit(1)

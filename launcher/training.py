@@ -23,7 +23,7 @@ from launcher.config import RunConfig, diff_configs, flatten
 from launcher.heartbeat import Heartbeat
 from launcher.metrics import MetricsLog
 from launcher.observe import Observer
-from launcher.preempt import PreemptionFlag
+from launcher.preempt import TEARDOWN_SIGNAL, PreemptionFlag, is_peer_failure, teardown
 from trainers import resolve_trainer
 from trainers.protocol import TrainContext
 
@@ -61,6 +61,7 @@ class RunOptions:
 def run(cfg: RunConfig, opts: RunOptions, preempt: PreemptionFlag | None = None) -> int:
     """Train ``cfg`` in ``opts.run_dir`` on this process's share of the job; return the exit code."""
     env = cluster_env.detect()
+    preempt = preempt or PreemptionFlag()
     ctx = ldist.init(env)
     opts.run_dir.mkdir(parents=True, exist_ok=True)
     logs.setup(ctx.rank, opts.log_level, opts.run_dir)
@@ -72,6 +73,12 @@ def run(cfg: RunConfig, opts: RunOptions, preempt: PreemptionFlag | None = None)
     except CheckpointError as e:
         log.error("%s", e)
         return exit_codes.CHECKPOINT_ERROR
+    except RuntimeError as e:
+        if not (ctx.world_size > 1 and is_peer_failure(e)):
+            raise
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        signum = TEARDOWN_SIGNAL if preempt.signum == TEARDOWN_SIGNAL else None
+        teardown(f"a collective failed, another rank is gone ({first_line})", signum=signum)
     finally:
         ldist.shutdown()
 
@@ -226,6 +233,7 @@ class Job:
         return self.cfg.train.total_steps(self.trainer.steps_per_epoch())
 
     def _loop(self) -> int:
+        self.preempt.training()  # from here on SIGTERM is a preemption: checkpoint, then exit 75
         spe = self.trainer.steps_per_epoch()
         p = self.progress
         started = time.time()
