@@ -10,15 +10,19 @@ The rule (``docs/failures.md``, "SIGTERM: preemption or teardown"):
   raises, so it cannot interrupt a half-written file (Python retries an interrupted system
   call, PEP 475), and the checkpoint is published only once every rank's shard is verified.
 * **Teardown.** SIGTERM is also what torchrun's (and ftrun's) agent sends to the surviving
-  workers when a peer failed, and what it sends to a group it abandons while it is still
-  starting. Such a worker cannot checkpoint (its collectives fail) or has nothing new to save
-  (it has not trained a step since the checkpoint it loaded), and waiting for it costs the
-  agent's shutdown timeout (30 s under torchrun). So a worker ends **at once**, through
-  :func:`teardown`, when SIGTERM arrives while it is still starting (process group, resume), or
-  when a collective fails because a peer is gone (:func:`is_peer_failure`), signal or not.
+  workers when a peer failed, and to a group it abandons while it is still starting. Such a
+  worker cannot checkpoint (its collectives fail) or has nothing new to save (it has not trained
+  a step since the checkpoint it loads), and waiting for it costs the agent's shutdown timeout
+  (30 s under torchrun). So a worker ends **at once**:
 
-:func:`teardown` is the one place where a worker decides "my group is being torn down after a
-peer failed". A just-in-time snapshot of the last clean step boundary belongs there.
+  - while it is *starting* (until the training loop begins: process group, resume), SIGTERM
+    keeps its default action, so the kernel ends the process even inside a blocking call
+    (a Python handler would only run once, say, gloo's connection set-up returned);
+  - while it is *training*, when a collective fails because a peer is gone
+    (:func:`is_peer_failure`), signal or not: through :func:`teardown`.
+
+:func:`teardown` is the one place where a training worker decides "my group is being torn down
+after a peer failed". A just-in-time snapshot of the last clean step boundary belongs there.
 """
 
 from __future__ import annotations
@@ -49,7 +53,8 @@ class PreemptionFlag:
     def __init__(self) -> None:
         self.signum: int | None = None
         self.count = 0  # signals received, repeats included
-        self.starting = True  # until the training loop begins: SIGTERM now is a teardown
+        self.starting = True  # until the training loop begins: SIGTERM keeps its default action
+        self._names: tuple[str, ...] = ()
 
     @property
     def raised(self) -> bool:
@@ -60,19 +65,25 @@ class PreemptionFlag:
         return signal.Signals(self.signum).name if self.signum is not None else ""
 
     def install(self, names: Iterable[str] = DEFAULT_SIGNALS) -> None:
-        """Catch ``names`` (e.g. ``("SIGTERM", "SIGUSR1")``) from now on, in the main thread."""
-        for name in names:
-            signal.signal(getattr(signal, name), self._handle)
+        """Catch ``names`` (e.g. ``("SIGTERM", "SIGUSR1")``) from now on, in the main thread.
+
+        While the worker is starting, SIGTERM gets its default action instead (also undoing the
+        ignore inherited from ftrun's fork server): a teardown then ends the process at once.
+        """
+        self._names = tuple(names)
+        for name in self._names:
+            sig = getattr(signal, name)
+            starting_teardown = self.starting and sig == TEARDOWN_SIGNAL
+            signal.signal(sig, signal.SIG_DFL if starting_teardown else self._handle)
 
     def training(self) -> None:
         """The training loop begins: from now on SIGTERM is a preemption unless a collective fails."""
         self.starting = False
+        if TEARDOWN_SIGNAL.name in self._names:
+            signal.signal(TEARDOWN_SIGNAL, self._handle)
 
     def _handle(self, signum, frame) -> None:
         self.count += 1
-        if signum == TEARDOWN_SIGNAL and self.starting:
-            teardown(f"{signal.Signals(signum).name} while starting (no step trained since the checkpoint it "
-                     f"resumes from: nothing to save)", signum=signum)
         if self.signum is None:
             self.signum = signum
             log.warning("Received %s: will checkpoint after the current step and exit",

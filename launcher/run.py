@@ -49,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Catch the preemption signals first: a worker forked by ftrun's warm-start server inherits
-    # them ignored, and a signal during start-up must still lead to a checkpoint at step end.
+    # Set the preemption signals first: a worker forked by ftrun's warm-start server inherits
+    # them ignored. SIGUSR1 during start-up still leads to a checkpoint after the first step;
+    # SIGTERM ends a starting worker at once (a teardown, launcher/preempt.py) until training begins.
     preempt = PreemptionFlag()
     try:
         preempt.install(cluster_env.detect().preempt_signals)

@@ -103,8 +103,8 @@ class Job:
     # ------------------------------------------------------------------ start
 
     def run(self) -> int:
-        # Catch the preemption signals before the (possibly long) resume: left at their default
-        # action, SIGTERM/SIGUSR1 would kill the process there; caught, they stop it after its first step.
+        # Before the (possibly long) resume: SIGUSR1 and the like then stop the run after its first
+        # step; SIGTERM keeps its default action until the loop begins (launcher/preempt.py).
         self.preempt.install(self.ctx.env.preempt_signals)
         try:
             self._lock_run_dir()
