@@ -22,8 +22,8 @@ trainer with its shipped config (``configs/encoder.yaml``: the default model, a 
   0's ``metrics.jsonl``, after its next ``worker_start`` event); for ``node`` also from the
   replacement's start. No such step within ``--timeout``: unrecovered, and the cell goes on with
   a fresh job (after ``--give-up`` unrecovered trials in a row it is abandoned);
-* **failed attempts**: restarts of the worker group beyond the one the failure needs (most on
-  any surviving node: the agents' "restarting workers" / "will restart worker group" lines);
+* **failed attempts**: attempts of the worker group that failed beyond the one the failure
+  struck (most on any surviving node: torch's "failed (exitcode: ...)" lines, ftrun's hang restarts);
 * **30 s waits**: torch's "forcefully exiting via SIGKILL" after a SIGTERM teardown timed out;
 * **steps lost**: the last step completed before the failure minus the step resumed from.
 
@@ -66,7 +66,8 @@ RDZV = ["standalone", "c10d", "static"]
 FAILURES = ["worker", "node", "hang"]
 EXTRA_FAILURES = ["shrink", "store_host"]  # c10d only
 LAUNCHERS = ["ftrun", "torchrun"]
-RESTART_LINES = re.compile(r"ftrun: restarting workers|will restart worker group")
+# One per failed attempt, logged by torch's agent (both launchers) at ERROR; ftrun's own for a hang.
+ATTEMPT_FAILED = re.compile(r"failed \(exitcode: |ftrun: restarting workers \(a worker hung\)")
 SIGKILL_AFTER_TERM = "forcefully exiting via"
 
 
@@ -225,7 +226,7 @@ def trial(job: Job) -> dict:
     rec, resumed = job.recovery(t, job.args.timeout)
     time.sleep(0.5)  # let the agents finish logging the restart
     texts = job.logs_since(sizes)
-    restarts = max((len(RESTART_LINES.findall(txt)) for n, txt in texts.items() if n in job.live()), default=0)
+    restarts = max((len(ATTEMPT_FAILED.findall(txt)) for n, txt in texts.items() if n in job.live()), default=0)
     return {"cell": job.cell.label(), "rdzv": job.cell.rdzv, "nodes": job.cell.nodes, "workers": job.cell.workers,
             "launcher": job.cell.launcher, "failure": job.cell.failure, "recovery_s": rec,
             "after_replacement_s": rec - (t_rep - t) if rec is not None and t_rep else None,
