@@ -19,10 +19,11 @@ the step.
   module (any model; call it right after wrapping; calling it again is a no-op);
 * :func:`average_gradients` applies it to gradients that code outside DDP averages itself.
 
-How. Per buffer: an all-to-all hands every rank its chunk of every rank's buffer, each rank sums
-its chunk in rank order, an all-gather hands the sums back. That moves as many bytes as a ring
-all-reduce (2 (W-1)/W of the buffer per rank), in two collectives instead of one. CPU (gloo) and
-CUDA (NCCL) run the same code.
+How. A small buffer (every rank's copy together up to 4 MiB) is all-gathered whole and each rank
+sums the copies in rank order: one collective, latency first. A larger one goes chunk-wise: an
+all-to-all hands every rank its chunk of every rank's buffer, each rank sums its chunk in rank
+order, an all-gather hands the sums back, as many bytes as a ring all-reduce (2 (W-1)/W of the
+buffer per rank). Both give the same bits. CPU (gloo) and CUDA (NCCL) run the same code.
 """
 
 # No ``from __future__ import annotations``: DDP checks a hook's annotations against the real
@@ -38,6 +39,9 @@ from torch.nn.parallel import DistributedDataParallel
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
+# Buffers whose every rank's copy together stays under this are all-gathered whole (one
+# collective: latency wins); larger ones go chunk-wise (bandwidth and memory win).
+GATHER_BYTES = 4 << 20
 _MARK = "_ftlaunch_exact_mean"  # set on a DDP module once its hook is registered
 
 
@@ -58,18 +62,31 @@ def mean_over_ranks(flat: torch.Tensor, group=None) -> torch.futures.Future:
 
     Returns a future that holds ``flat`` once ``flat`` holds the mean. Every rank must call this
     with a tensor of the same size and dtype, at the same point of its sequence of collectives.
+    Small buffers (up to :data:`GATHER_BYTES`) take one all-gather of every rank's buffer; larger
+    ones an all-to-all and an all-gather of the sums, as many bytes as a ring all-reduce. Both
+    sum each element in rank order: the same bits either way.
 
-    Both collectives are issued here, by the calling thread, never from a completion callback:
-    a collective issued from a callback would be ordered by timing, differently on each rank
-    (and would block gloo's worker threads). So the all-to-all is waited for here (on CUDA that
-    only orders the current stream after it) and the all-gather runs on while the caller goes on.
+    Collectives are issued here, by the calling thread, never from a completion callback: a
+    collective issued from a callback would be ordered by timing, differently on each rank
+    (and would block gloo's worker threads).
     """
     world = dist.get_world_size(group)
     n = flat.numel()
+    if n * flat.element_size() * world <= GATHER_BYTES:
+        everyone = flat.new_empty(world * n)
+        gathered = _all_gather(everyone, flat, group=group, async_op=True).get_future()
+
+        def sum_gathered(_):
+            flat.copy_(_rank_ordered_sum(everyone.view(world, n)).div_(world))
+            return flat
+
+        return gathered.then(sum_gathered)
     chunk = -(-n // world)
     send = flat.new_zeros(world * chunk)  # padded so that every rank gets an equal chunk
     send[:n].copy_(flat)
     received = torch.empty_like(send)
+    # Waited for here (on CUDA that only orders the current stream after it): the all-gather
+    # that follows needs its result and must be issued by this thread.
     dist.all_to_all_single(received, send, group=group, async_op=True).wait()
     # received[r * chunk:(r + 1) * chunk] is rank r's copy of this rank's chunk.
     mine = _rank_ordered_sum(received.view(world, chunk)).div_(world)

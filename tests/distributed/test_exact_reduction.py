@@ -60,6 +60,16 @@ def check(rank: int) -> dict:
     for p, t in zip(params, local, strict=True):
         p.grad = t.clone()
     exact.average_gradients(params)
+    # The chunk-wise path (all-to-all, sum, all-gather) that large buffers take gives the same bits.
+    chunked = [torch.nn.Parameter(torch.zeros_like(t)) for t in local]
+    for p, t in zip(chunked, local, strict=True):
+        p.grad = t.clone()
+    small, exact.GATHER_BYTES = exact.GATHER_BYTES, 0
+    try:
+        exact.average_gradients(chunked)
+        fixed_chunked = grads_per_iteration(exact.make_deterministic(DDP(model(), bucket_cap_mb=0.05)), rank, 2)
+    finally:
+        exact.GATHER_BYTES = small
     other = DDP(model())
     other.register_comm_hook(None, lambda state, bucket: dist.all_reduce(bucket.buffer(), async_op=True).get_future()
                              .then(lambda f: f.value()[0]))
@@ -71,7 +81,9 @@ def check(rank: int) -> dict:
     return {"refused_other_hook": refused,
             "stock_first_vs_later_equal": same(stock[0], stock[1]), "stock_later_equal": same(stock[1], stock[2]),
             "exact_all_equal": same(fixed[0], fixed[1]) and same(fixed[1], fixed[2]),
-            "exact_equals_average_gradients": same(fixed[0], [p.grad for p in params])}
+            "exact_equals_average_gradients": same(fixed[0], [p.grad for p in params]),
+            "chunked_path_same_bits": same(fixed[0], [p.grad for p in chunked]) and same(fixed[0], fixed_chunked[0])
+            and same(fixed_chunked[0], fixed_chunked[1])}
 
 
 def worker(rank: int, port: int, out_dir: str) -> None:
@@ -110,6 +122,10 @@ def test_make_deterministic_reduces_every_iteration_alike(results):
 
 def test_average_gradients_follows_the_same_rule(results):
     assert all(r["exact_equals_average_gradients"] for r in results)
+
+
+def test_small_and_large_buffers_take_paths_that_give_the_same_bits(results):
+    assert all(r["chunked_path_same_bits"] for r in results)
 
 
 def test_make_deterministic_refuses_what_it_cannot_make_exact(results):
