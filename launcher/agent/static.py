@@ -28,6 +28,7 @@ import time
 
 from torch.distributed import PrefixStore, Store
 from torch.distributed.elastic.rendezvous import RendezvousHandler, RendezvousInfo, RendezvousStoreInfo
+from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
 from torch.distributed.elastic.rendezvous.static_tcp_rendezvous import StaticTCPRendezvous
 
 log = logging.getLogger("ftrun")
@@ -41,10 +42,14 @@ def join_round(store: Store, nnodes: int, timeout) -> int:
     The round is the number of rounds completed so far. If it fills up just as this agent reads
     that number (a late replacement racing the round's last member), the agent moves to the next.
     """
+    deadline = time.monotonic() + timeout.total_seconds()
     while True:
         rnd = int(store.add(COMPLETED, 0))
         arrived = int(store.add(f"ftrun/round{rnd}/arrived", 1))
         if arrived > nnodes:
+            if time.monotonic() > deadline:
+                raise RendezvousTimeoutError(f"static rendezvous: round {rnd} is full ({nnodes} nodes) but was "
+                                             f"never completed; is a --node_rank running twice?")
             time.sleep(0.05)  # round ``rnd`` is full and about to be counted as completed: join the next
             continue
         if arrived == nnodes:
