@@ -17,11 +17,9 @@ new agents wait for the store host to come back until the rendezvous join timeou
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import signal
-import threading
 import time
 
 import torch.distributed as dist
@@ -97,23 +95,25 @@ def launch_once(config: LaunchConfig, entrypoint, args: list[str], options: Agen
     return 0 if final.action is Action.SUCCEED else (final.exit_code or 1)
 
 
-def preload_failure_path() -> threading.Thread:
-    """Import, in the background, what the agent first needs when a worker fails.
+class RenderedTraceback(logging.Filter):
+    """Render a record's traceback with logging's own formatter, so torch's need not.
 
-    torch's log formatter imports ``torch._dynamo`` (and sympy) the first time it formats a
-    record with a traceback, which is torch's report of a failed worker: 3-5 s on the loaded
-    2-core test machine, spent between the failure and the restart. Done now, it overlaps the
-    rendezvous and the workers' start-up instead.
+    torch's log formatter imports ``torch._dynamo`` (and sympy) to format a record that carries a
+    traceback, which its process context logs when a worker fails: 3-5 s on the loaded 2-core test
+    machine, spent between the failure and the restart. The text printed is the same.
     """
-    thread = threading.Thread(target=importlib.import_module, args=("torch._dynamo",), name="ftrun-preload",
-                              daemon=True)
-    thread.start()
-    return thread
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            record.exc_text = record.exc_text or logging.Formatter().formatException(record.exc_info)
+            record.exc_info = None
+        return True
 
 
 def supervise(config: LaunchConfig, entrypoint, args: list[str], options: AgentOptions, store_reforms: int) -> int:
     """Run agents on this node until the job ends; print the summary; return the exit code."""
-    preload_failure_path()
+    # Filters apply to the logger a record comes from: the one that reports failed workers.
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(RenderedTraceback())
     recorder = Recorder(options.run_dir)
     reforms, code, result = 0, 1, "failed"
     try:
