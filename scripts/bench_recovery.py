@@ -34,6 +34,7 @@ Usage::
 
     python scripts/bench_recovery.py --trials 5 --out bench_recovery.json
     python scripts/bench_recovery.py --rdzv static --workers 2 --failures worker --trials 1
+    python scripts/bench_recovery.py --trials 2 --table ftrun.json torchrun.json   # print saved runs
 """
 
 from __future__ import annotations
@@ -280,11 +281,10 @@ def table(rows: list[dict], trials: int) -> str:
     out = ["| rendezvous | nodes x workers | failure | launcher | trials | recovered | recovery median / max (s) "
            "| after replacement median (s) | failed attempts | 30-s waits | steps lost (median) |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
-    seen: list[str] = []
-    for r in rows:
-        if r["cell"] not in seen:
-            seen.append(r["cell"])
-    for label in seen:
+    order = {k: i for i, k in enumerate(RDZV + FAILURES + EXTRA_FAILURES + LAUNCHERS)}
+    seen = sorted({r["cell"]: r for r in rows}.values(),
+                  key=lambda r: (order[r["rdzv"]], r["workers"], order[r["failure"]], order[r["launcher"]]))
+    for label in (r["cell"] for r in seen):
         sel = [r for r in rows if r["cell"] == label]
         first = sel[0]
         ok = [r["recovery_s"] for r in sel if r["recovery_s"] is not None]
@@ -315,7 +315,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--give-up", type=int, default=2, help="unrecovered trials in a row before a cell is abandoned")
     p.add_argument("--out", type=Path, default=None, help="also write every trial as JSON here")
     p.add_argument("--keep", action="store_true", help="keep the jobs' directories and logs")
+    p.add_argument("--table", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="print the table of earlier runs' --out files (one table), run nothing")
     args = p.parse_args(argv)
+    if args.table:
+        rows = [row for path in args.table for row in json.loads(path.read_text())]
+        print(table(rows, args.trials))
+        return 0
     lists = {"rdzv": args.rdzv.split(","), "launchers": args.launchers.split(","),
              "failures": args.failures.split(",")}
     bad = [x for x in lists["rdzv"] if x not in RDZV] + [x for x in lists["launchers"] if x not in LAUNCHERS] \
