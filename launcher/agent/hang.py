@@ -65,7 +65,7 @@ def find_pyspy() -> str | None:
     return shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
 
 
-def python_stacks(pid: int, timeout: float = 30.0) -> str | None:
+def python_stacks(pid: int, timeout: float = 10.0) -> str | None:
     """All threads' Python stacks by ``py-spy dump --nonblocking``, or None if py-spy is not installed."""
     pyspy = find_pyspy()
     if not pyspy:
