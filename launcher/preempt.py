@@ -104,12 +104,11 @@ def is_peer_failure(error: BaseException) -> bool:
 def teardown(reason: str, signum: int | None = None) -> NoReturn:
     """End this worker now: its group is being torn down after a peer failed.
 
-    Nothing more can be saved consistently here (a collective failed, or no step was trained
-    since the last checkpoint), and clean-up could block on the dead peer (an async save, the
-    process group's destruction), so the process ends without it: by ``signum`` with its
-    default action when a signal asked for this (the exit status a plain script would have),
-    else with exit code 1. The run directory's lock is released by the kernel, and the resume
-    point is the latest verified checkpoint, untouched.
+    Nothing more can be saved consistently here (a collective failed), and clean-up could block
+    on the dead peer (an async save, the process group's destruction), so the process ends
+    without it: by ``signum`` with its default action when the agent's SIGTERM came too (the
+    exit status a plain script would have), else with exit code 1. The run directory's lock is
+    released by the kernel, and the resume point is the latest verified checkpoint, untouched.
     """
     log.warning("Ending this worker at once: %s", reason)
     for handler in logging.getLogger().handlers:
