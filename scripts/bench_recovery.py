@@ -231,7 +231,7 @@ def trial(job: Job) -> dict:
     return {"cell": job.cell.label(), "rdzv": job.cell.rdzv, "nodes": job.cell.nodes, "workers": job.cell.workers,
             "launcher": job.cell.launcher, "failure": job.cell.failure, "recovery_s": rec,
             "after_replacement_s": rec - (t_rep - t) if rec is not None and t_rep else None,
-            "failed_attempts": max(restarts - 1, 0) if rec is not None else None,
+            "failed_attempts": max(restarts - 1, 0),  # unrecovered: those that failed within the timeout
             "sigkill_waits": sum(txt.count(SIGKILL_AFTER_TERM) for txt in texts.values()),
             "steps_lost": before - resumed if before is not None and resumed is not None else None}
 
