@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from launcher.config import Checks
+from launcher.exact import make_deterministic
 from trainers.common import (
     all_reduce_mean,
     global_batch_indices,
@@ -121,7 +122,9 @@ class MyTrainer:
             layers += [nn.Linear(width, cfg.model.hidden), nn.ReLU()]
             width = cfg.model.hidden
         net = nn.Sequential(*layers, nn.Linear(width, 2)).to(self.device)
-        self.model = DDP(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        # Exact resume at any world size: DDP averages gradients in rank order (docs/own-trainer.md).
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        self.model = make_deterministic(DDP(net, device_ids=device_ids))
         self._build_optimizer()
 
     def _build_optimizer(self) -> None:

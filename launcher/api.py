@@ -44,7 +44,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import psutil
 import torch
@@ -53,8 +53,8 @@ import yaml
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from launcher import dist as ldist
+from launcher import endings, epochs, events, exit_codes, fileio, logs, observers, rng
 from launcher import env as cluster_env
-from launcher import epochs, events, exit_codes, fileio, logs, observers, rng
 from launcher.checkpoint.files import CheckpointError
 from launcher.checkpoint.manager import CheckpointManager
 from launcher.checkpoint.record import CheckpointRecord, read_record
@@ -63,7 +63,7 @@ from launcher.early_stop import EarlyStopping
 from launcher.heartbeat import Heartbeat
 from launcher.metrics import MetricsLog
 from launcher.observe import Observer
-from launcher.preempt import PreemptionFlag
+from launcher.preempt import TEARDOWN_SIGNAL, PreemptionFlag, teardown
 from launcher.startup import init_source, lock_run_dir, together
 from launcher.state import RegistrationError, StateRegistry, check_fits
 from launcher.steps import Progress, StepLog
@@ -342,6 +342,7 @@ class FaultTolerant:
         self._started = time.time()
         self._steps.start(self.progress.step)
         self.observer.on_start(self.run_dir, self.progress.step, total_steps, resumed=bool(self.progress.resumed_at))
+        self.preempt.training()  # from here on SIGTERM is a preemption (launcher/preempt.py)
         self._boundary()
         return self.progress.step
 
@@ -660,8 +661,21 @@ class FaultTolerant:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is not None and endings.is_peer_failure(exc):
+            self._peer_lost(exc)  # does not return
         self.close(failed=exc_type is not None)
         return False
+
+    def _peer_lost(self, exc: BaseException) -> NoReturn:
+        """A collective failed because another rank or node is gone: say so in one line, end at once.
+
+        Clean-up is skipped: it could block on the dead peer (an async save's collectives, the
+        process group's destruction). The latest verified checkpoint is the resume point
+        (``launcher/preempt.py``, ``docs/failures.md``).
+        """
+        endings.peer_lost(self.ctx.env, self.run_dir, self.step_reached, exc)
+        signum = TEARDOWN_SIGNAL if self.preempt.signum == TEARDOWN_SIGNAL else None
+        teardown(f"a collective failed, another rank is gone ({endings.short_reason(exc)})", signum=signum)
 
 
 def run_main(main: Callable[..., int | None], *args: Any, **kwargs: Any) -> int:

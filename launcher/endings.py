@@ -35,8 +35,8 @@ log = logging.getLogger("launcher")
 
 # Parts of the messages of errors raised when a peer process or the store went away.
 PEER_MARKERS = ("connection reset by peer", "connection closed by peer", "broken pipe", "connection refused",
-                "failed to recv", "connection was likely closed", "socket timeout", "nccl communicator was aborted",
-                "ncclremoteerror", "ncclsystemerror")
+                "failed to recv", "connection was likely closed", "socket timeout", "timed out waiting",
+                "connectfullmesh", "nccl communicator was aborted", "ncclremoteerror", "ncclsystemerror")
 # torch's error classes for a failed collective or store operation (torch.distributed.DistError and kin).
 DIST_ERRORS = frozenset({"DistError", "DistNetworkError", "DistStoreError", "DistBackendError"})
 
@@ -88,8 +88,8 @@ def is_peer_failure(exc: BaseException) -> bool:
     for e in _chain(exc):
         if any(c.__name__ in DIST_ERRORS for c in type(e).__mro__):
             return True
-        text = str(e).lower()
-        if any(m in text for m in PEER_MARKERS):
+        # gloo raises plain RuntimeErrors; a ValueError that mentions a connection is a bug of ours.
+        if isinstance(e, (RuntimeError, ConnectionError)) and any(m in str(e).lower() for m in PEER_MARKERS):
             return True
     return False
 

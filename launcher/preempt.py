@@ -1,27 +1,49 @@
-"""Preemption: a signal asks for a checkpoint at the end of the current step, then exit 75.
+"""Signals and teardown: when a worker checkpoints and exits 75, and when it ends at once.
 
-The handler only sets a flag; the training loop combines it across ranks at its sync points
-(``launcher/steps.py``: within about a second of training), so every rank stops after the same
-step and writes one checkpoint together.
-A second signal during the save sets the same flag again and changes nothing: the handler
-never raises, so it cannot interrupt a half-written file (Python retries an interrupted
-system call, PEP 475), and the checkpoint is published only once every rank's shard is verified.
+The rule (``docs/failures.md``, "SIGTERM: preemption or teardown"):
 
-Which signals count is the job's choice: ``FTLAUNCH_PREEMPT_SIGNALS`` (read by
-``launcher/env.py``, default SIGTERM and SIGUSR1).
+* **Preemption.** A preemption signal (``FTLAUNCH_PREEMPT_SIGNALS``, default SIGTERM and SIGUSR1,
+  read by ``launcher/env.py``) that reaches a *training* worker asks for a checkpoint at the end
+  of the current step, then exit 75. The handler only sets a flag; the training loop combines it
+  across ranks at its sync points (``launcher/steps.py``: within about a second of training), so
+  every rank stops after the same step and writes one checkpoint together. A second signal
+  during the save changes nothing: the handler never raises, so it cannot interrupt a
+  half-written file (Python retries an interrupted system call, PEP 475), and the checkpoint is
+  published only once every rank's shard is verified.
+* **Teardown.** SIGTERM is also what torchrun's (and ftrun's) agent sends to the surviving
+  workers when a peer failed, and to a group it abandons while it is still starting. Such a
+  worker cannot checkpoint (its collectives fail) or has nothing new to save (it has not trained
+  a step since the checkpoint it loads), and waiting for it costs the agent's shutdown timeout
+  (30 s under torchrun). So a worker ends **at once**:
+
+  - while it is *starting* (until the training loop begins: process group, resume), SIGTERM
+    keeps its default action, so the kernel ends the process even inside a blocking call
+    (a Python handler would only run once, say, gloo's connection set-up returned);
+  - while it is *training*, when a collective fails because a peer is gone
+    (``launcher.endings.is_peer_failure``), signal or not: the run says so in one line
+    (``launcher.endings.peer_lost``) and ends through :func:`teardown`.
+
+:func:`teardown` is the one place where a training worker ends because its group is being torn
+down after a peer failed. A just-in-time snapshot of the last clean step boundary belongs
+just before it (``FaultTolerant``, which holds the state, calls it).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 from collections.abc import Iterable
+from typing import NoReturn
 
+from launcher import logs
 from launcher.env import DEFAULT_PREEMPT_SIGNALS
 
 log = logging.getLogger("launcher.preempt")
 
 DEFAULT_SIGNALS = DEFAULT_PREEMPT_SIGNALS
+TEARDOWN_SIGNAL = signal.SIGTERM  # the agents' teardown request (torch's _get_default_signal)
 
 
 class PreemptionFlag:
@@ -30,6 +52,8 @@ class PreemptionFlag:
     def __init__(self) -> None:
         self.signum: int | None = None
         self.count = 0  # signals received, repeats included
+        self.starting = True  # until the training loop begins: SIGTERM keeps its default action
+        self._names: tuple[str, ...] = ()
 
     @property
     def raised(self) -> bool:
@@ -40,9 +64,22 @@ class PreemptionFlag:
         return signal.Signals(self.signum).name if self.signum is not None else ""
 
     def install(self, names: Iterable[str] = DEFAULT_SIGNALS) -> None:
-        """Catch ``names`` (e.g. ``("SIGTERM", "SIGUSR1")``) from now on, in the main thread."""
-        for name in names:
-            signal.signal(getattr(signal, name), self._handle)
+        """Catch ``names`` (e.g. ``("SIGTERM", "SIGUSR1")``) from now on, in the main thread.
+
+        While the worker is starting, SIGTERM gets its default action instead (also undoing the
+        ignore inherited from ftrun's fork server): a teardown then ends the process at once.
+        """
+        self._names = tuple(names)
+        for name in self._names:
+            sig = getattr(signal, name)
+            starting_teardown = self.starting and sig == TEARDOWN_SIGNAL
+            signal.signal(sig, signal.SIG_DFL if starting_teardown else self._handle)
+
+    def training(self) -> None:
+        """The training loop begins: from now on SIGTERM is a preemption unless a collective fails."""
+        self.starting = False
+        if TEARDOWN_SIGNAL.name in self._names:
+            signal.signal(TEARDOWN_SIGNAL, self._handle)
 
     def _handle(self, signum, frame) -> None:
         self.count += 1
@@ -52,3 +89,24 @@ class PreemptionFlag:
                         signal.Signals(signum).name)
         else:
             log.info("Received %s again: the checkpoint is already under way", signal.Signals(signum).name)
+
+
+def teardown(reason: str, signum: int | None = None) -> NoReturn:
+    """End this worker now: its group is being torn down after a peer failed.
+
+    Nothing more can be saved consistently here (a collective failed), and clean-up could block
+    on the dead peer (an async save, the process group's destruction), so the process ends
+    without it: by ``signum`` with its default action when the agent's SIGTERM came too (the
+    exit status a plain script would have), else with exit code 1. The run directory's lock is
+    released by the kernel, and the resume point is the latest verified checkpoint, untouched.
+    """
+    # The console already has the one-line report (launcher/endings.py); this goes to the log file.
+    log.warning("Ending this worker at once: %s", reason, extra=logs.FILE_ONLY)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if signum is not None:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+    os._exit(1)

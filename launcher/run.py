@@ -81,8 +81,9 @@ def _main(argv: list[str] | None, interrupt: InterruptFlag) -> int:
     # report of a lost peer says; they stay available with TORCH_CPP_LOG_LEVEL=WARNING. Read by
     # torch when it is first imported, below.
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
-    # Catch the preemption signals first: a worker forked by ftrun's warm-start server inherits
-    # them ignored, and a signal during start-up must still lead to a checkpoint at step end.
+    # Set the preemption signals first: a worker forked by ftrun's warm-start server inherits
+    # them ignored. SIGUSR1 during start-up still leads to a checkpoint after the first step;
+    # SIGTERM ends a starting worker at once (a teardown, launcher/preempt.py) until training begins.
     preempt = PreemptionFlag()
     try:
         preempt.install(cluster_env.detect().preempt_signals)

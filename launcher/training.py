@@ -20,7 +20,7 @@ from launcher.api import FaultTolerant
 from launcher.checkpoint.files import CheckpointError
 from launcher.config import RunConfig
 from launcher.observe import Observer
-from launcher.preempt import PreemptionFlag
+from launcher.preempt import TEARDOWN_SIGNAL, PreemptionFlag, teardown
 from launcher.state import TrainerEntry
 from trainers import resolve_trainer
 from trainers.protocol import TrainContext
@@ -65,8 +65,10 @@ def run(cfg: RunConfig, opts: RunOptions, preempt: PreemptionFlag | None = None,
                 logs.attach_file(env.rank, opts.run_dir, opts.log_level)
         if interrupt is not None and interrupt.raised:  # a peer stopped by the same Ctrl-C failed us first
             return endings.interrupted(env, opts.run_dir, reached, interrupt, e)
-        if endings.is_peer_failure(e):
-            return endings.peer_lost(env, opts.run_dir, reached, e)
+        if endings.is_peer_failure(e):  # while starting: the API ends a training worker itself
+            endings.peer_lost(env, opts.run_dir, reached, e)
+            signum = TEARDOWN_SIGNAL if preempt is not None and preempt.signum == TEARDOWN_SIGNAL else None
+            teardown(f"a collective failed while starting ({endings.short_reason(e)})", signum=signum)
         if isinstance(e, CheckpointError):
             log.error("%s", e)
             return e.code

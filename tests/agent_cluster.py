@@ -30,9 +30,17 @@ def script_args(run_dir: Path, steps: int, interval: int = 10, extra: Sequence[s
             "--set", f"train.max_steps={steps}", "--set", f"checkpoint.interval_steps={interval}", *extra]
 
 
+RDZV = ("c10d", "static", "standalone")
+
+
 @dataclass
 class Cluster:
-    """Agents of one job on localhost; ``launcher`` is "ftrun" or "torchrun"."""
+    """Agents of one job on localhost.
+
+    ``launcher`` is "ftrun" or "torchrun"; ``rdzv`` is "c10d" (``--rdzv_endpoint``), "static"
+    (``--master_addr/--master_port/--node_rank``; node rank 0 hosts the store) or "standalone"
+    (one node: ``--standalone``); ``nproc`` workers per node.
+    """
 
     workdir: Path
     script: list[str]
@@ -42,19 +50,33 @@ class Cluster:
     port: int = field(default_factory=free_port)
     rdzv_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     nodes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    rdzv: str = "c10d"
+    nproc: int = 1
+    node_ranks: dict[str, int] = field(default_factory=dict)
+    monitor_interval: float | None = 0.5  # None: the launcher's default (0.1 s)
 
-    def command(self) -> list[str]:
+    def command(self, node_rank: int = 0) -> list[str]:
         module = "launcher" if self.launcher == "ftrun" else "torch.distributed.run"
-        return [PY, "-m", module, f"--nnodes={self.nnodes}", "--nproc_per_node=1", "--rdzv_backend=c10d",
-                f"--rdzv_endpoint=127.0.0.1:{self.port}", f"--rdzv_id={self.rdzv_id}", "--monitor_interval=0.5",
-                *self.agent_args, *self.script]
+        if self.rdzv == "standalone":
+            topology = ["--standalone"]
+        elif self.rdzv == "static":
+            topology = [f"--nnodes={self.nnodes}", f"--node_rank={node_rank}", "--master_addr=127.0.0.1",
+                        f"--master_port={self.port}"]
+        else:
+            topology = [f"--nnodes={self.nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{self.port}",
+                        f"--rdzv_id={self.rdzv_id}"]
+        monitor = [] if self.monitor_interval is None else [f"--monitor_interval={self.monitor_interval}"]
+        return [PY, "-m", module, *topology, f"--nproc_per_node={self.nproc}", *monitor, *self.agent_args,
+                *self.script]
 
     def log(self, name: str) -> Path:
         return self.workdir / f"{name}.log"
 
-    def start_node(self, name: str) -> subprocess.Popen:
-        proc = start(self.command(), self.log(name), child_env())
+    def start_node(self, name: str, node_rank: int = 0) -> subprocess.Popen:
+        """Start one node's agent (``node_rank`` matters for static rendezvous only)."""
+        proc = start(self.command(node_rank), self.log(name), child_env())
         self.nodes[name] = proc
+        self.node_ranks[name] = node_rank
         return proc
 
     def wait_store(self, timeout: float = 60) -> None:

@@ -15,6 +15,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 # The data order is the launcher's (one owner for what exact resume needs); re-exported here
 # for trainers written against this module.
+from launcher.exact import average_gradients
 from launcher.rng import epoch_permutation, global_batch_indices
 
 __all__ = ["DataError", "all_reduce_mean", "average_gradients", "epoch_permutation", "global_batch_indices",
@@ -63,19 +64,3 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(work)
         values = (work / dist.get_world_size()).to(device)
     return values
-
-
-def average_gradients(params) -> None:
-    """Average gradients over ranks, as DDP does, for code that DDP cannot see into."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()

@@ -6,6 +6,8 @@
 * :mod:`.agent`: torch's ``LocalElasticAgent`` with hang detection and a policy-driven monitor loop.
 * :mod:`.policy`: the restart state machine (budget, back-off, crash-loop guard). Pure.
 * :mod:`.progress`: the ranks' progress reports and the hang rule. Pure but for file reads.
+* :mod:`.hang`: what a hung worker is doing (``/proc``, py-spy), read without continuing it.
+* :mod:`.static`: static rendezvous with a round barrier and a fresh worker store per round.
 * :mod:`.report`: ``events.jsonl`` records and the exit summary.
 
 See ``docs/agent.md``.

@@ -10,10 +10,15 @@ What changes, and why:
 * ``_monitor_workers`` also reads the ranks' progress reports and reports a worker group with
   a rank that made no progress for ``--hang-timeout`` as ``UNHEALTHY`` (torch's agent only
   sees processes that exit; a rank stuck in a collective is alive forever).
-* ``_stop_workers`` kills with SIGKILL. Torch sends SIGTERM and waits up to 30 s; our workers
-  treat SIGTERM as "preempted: checkpoint and exit 75", and a rank blocked in a collective
-  with a dead peer never reaches the end of its step, so every restart would cost the full
-  wait. Nothing is lost: the job resumes from its latest verified checkpoint.
+* ``_stop_workers`` kills with SIGKILL. Torch sends SIGTERM and waits up to 30 s; when the agent
+  itself decides to restart (a hang, a node joining) there is nothing a worker could save that
+  the latest verified checkpoint does not hold. When a worker *fails*, torch's process context
+  sends the survivors SIGTERM (a teardown request, see ``launcher/preempt.py``); ftrun bounds
+  that wait to ``AgentOptions.teardown_grace`` (5 s) instead of 30 s, so a worker that cannot
+  end at once (one blocked in an NCCL collective with the dead peer) costs seconds, not 30.
+* A hung group is inspected without being disturbed (:mod:`.hang`): a stopped process is
+  reported as stopped and never continued. Before acting on the decision, the workers' real
+  exit states are read again: a group whose workers all finished meanwhile is a success.
 * Failures, restarts and recoveries go to ``RUN_DIR/events.jsonl`` (:mod:`.report`).
 
 Worker states are torch's ``WorkerState``: ``HEALTHY`` -> ``FAILED`` (a worker exited non-zero),
@@ -23,11 +28,10 @@ Worker states are torch's ``WorkerState``: ``HEALTHY`` -> ``FAILED`` (a worker e
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import shutil
 import signal
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +39,7 @@ from pathlib import Path
 from torch.distributed.elastic.agent.server.api import DEFAULT_ROLE, RunResult, WorkerGroup, WorkerState
 from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 
-from launcher.agent import console
+from launcher.agent import console, hang
 from launcher.agent.policy import Action, Decision, Observation, PolicyConfig, RestartPolicy, Seen
 from launcher.agent.progress import ProgressMonitor
 from launcher.agent.report import Recorder
@@ -56,7 +60,8 @@ class AgentOptions:
     long_activity_factor: float = 3.0  # saves and evaluations may take this many times longer
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     stop_timeout: int = 10  # seconds to wait for killed workers to be reaped
-    stack_dump_wait: float = 0.5  # seconds to let faulthandler write a hung worker's stacks
+    stack_dump_wait: float = 0.5  # seconds to let faulthandler write a running hung worker's stacks
+    teardown_grace: int = 5  # after a worker failed: seconds the survivors get to end on SIGTERM, then SIGKILL
 
 
 class FtAgent(LocalElasticAgent):
@@ -71,6 +76,7 @@ class FtAgent(LocalElasticAgent):
         self.recorder = recorder or Recorder(options.run_dir)
         self.final: Decision | None = None
         self._hung: dict[int, str] = {}
+        self._hang_states: dict[int, hang.ProcessState] = {}
 
     # ------------------------------------------------------------------ loop
 
@@ -83,6 +89,9 @@ class FtAgent(LocalElasticAgent):
         while True:
             time.sleep(wg.spec.monitor_interval)
             result = self._monitor_workers(wg)
+            if result.state is WorkerState.UNHEALTHY:
+                self._inspect_hang(wg)
+                result = self._recheck(wg, result)
             wg.state = result.state
             decision = self.policy.decide(self._observe(result))
             if decision.action is Action.CONTINUE:
@@ -137,10 +146,10 @@ class FtAgent(LocalElasticAgent):
         if result.state is WorkerState.HEALTHY:  # a node waits to join
             self.recorder.failure("membership", self.progress, restarts, detail=decision.reason)
         elif result.state is WorkerState.UNHEALTHY:
-            # Recorded before the stack dump, which lets stopped workers run on for a moment.
             self.recorder.failure("hang", self.progress, restarts, ranks=sorted(self._hung),
-                                  detail=list(self._hung.values()), stacks=self._stacks_destination())
-            self._dump_stacks()
+                                  detail=list(self._hung.values()), stacks=str(self._stacks_dir()),
+                                  states={r: st.describe() for r, st in self._hang_states.items()},
+                                  stopped=sorted(r for r, st in self._hang_states.items() if st.stopped))
         else:
             ranks = [{"rank": r, "exit_code": f.exitcode, "signal": f.signal_name() if f.exitcode < 0 else None}
                      for r, f in sorted(result.failures.items())]
@@ -153,10 +162,28 @@ class FtAgent(LocalElasticAgent):
     def _initialize_workers(self, worker_group: WorkerGroup) -> None:
         super()._initialize_workers(worker_group)
         self._say_membership(worker_group)
+        self._bound_teardown()
         self.progress.start_attempt({w.global_rank: w.id for w in worker_group.workers})
         self.recorder.group_rank = worker_group.group_rank
         self.policy.restarted()
-        self._hung = {}
+        self._hung, self._hang_states = {}, {}
+
+    def _bound_teardown(self) -> None:
+        """Shorten torch's wait for survivors after a worker failed from 30 s to ``teardown_grace``.
+
+        torch's process context closes itself when it sees a failed worker, with ``close()`` and
+        no arguments: SIGTERM, then SIGKILL after 30 s. Explicit calls (``_stop_workers``, the
+        forwarding of a signal to ftrun with ``--shutdown_timeout``) pass their own and are kept.
+        """
+        pcontext = self._pcontext
+        if pcontext is None:
+            return
+        close, grace = pcontext.close, self.options.teardown_grace
+
+        def bounded_close(death_sig=None, timeout: int = 30) -> None:
+            close(death_sig, min(timeout, grace) if death_sig is None else timeout)
+
+        pcontext.close = bounded_close
 
     def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
         result = super()._monitor_workers(worker_group)
@@ -166,7 +193,10 @@ class FtAgent(LocalElasticAgent):
         self.recorder.check_recovered(self.progress, self.policy.restarts)
         if result.state is not WorkerState.HEALTHY:
             return result
-        self._hung = self.progress.hung()
+        pids = {w.global_rank: w.id for w in worker_group.workers}
+        # A rank whose process has exited (it finished) is not hung, whatever its last report says.
+        self._hung = {r: line for r, line in self.progress.hung().items()
+                      if r not in pids or not hang.read_state(pids[r]).gone}
         if self._hung:
             for line in self._hung.values():
                 log.error("ftrun: hang: %s", line)
@@ -196,38 +226,41 @@ class FtAgent(LocalElasticAgent):
 
     # ------------------------------------------------------------------ hangs
 
-    def _stacks_destination(self) -> str:
-        if shutil.which("py-spy"):
-            return str((self.options.run_dir or Path(self.options.progress_template).parent) / "stacks")
-        return "worker stderr (faulthandler)"
+    def _stacks_dir(self) -> Path:
+        return (self.options.run_dir or Path(self.options.progress_template).parent) / "stacks"
 
-    def _dump_stacks(self) -> None:
-        """Print every local worker's Python stacks before the hung group is killed."""
-        pids = {w.global_rank: w.id for w in self._worker_group.workers if w.id is not None}
-        pyspy = shutil.which("py-spy")
-        if pyspy:
-            out_dir = Path(self._stacks_destination())
-            out_dir.mkdir(parents=True, exist_ok=True)
-            for rank, pid in pids.items():
-                path = out_dir / f"hang-{int(time.time())}-rank{rank}.txt"
-                try:
-                    text = subprocess.run([pyspy, "dump", "--pid", str(pid)], capture_output=True, text=True,
-                                          timeout=60).stdout
-                except (OSError, subprocess.TimeoutExpired) as e:
-                    text = f"py-spy failed: {e}"
-                path.write_text(text)
-                log.error("ftrun: stacks of hung rank %d (pid %d) in %s", rank, pid, path)
-            return
-        # Ranks that report progress registered faulthandler on SIGUSR2 (launcher/heartbeat.py);
-        # a stopped process handles it once continued. Others would die of SIGUSR2: skip them.
-        reported = self.progress.reported_pids()
-        for rank, pid in pids.items():
-            if pid not in reported:
+    def _inspect_hang(self, wg: WorkerGroup) -> None:
+        """Record what each local worker of a hung group is doing, without continuing a stopped one.
+
+        Written to ``RUN_DIR/stacks/hang-<time>-rank<N>.txt`` (:func:`.hang.report`). Running ranks
+        that report progress are also asked for their Python stacks by SIGUSR2 (faulthandler, on
+        their stderr) when py-spy is not installed; a stopped process cannot answer, so it gets none.
+        """
+        out_dir = self._stacks_dir()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        reported, asked = self.progress.reported_pids(), False
+        self._hang_states = {}
+        for w in wg.workers:
+            if w.id is None:
                 continue
-            log.error("ftrun: asking hung rank %d (pid %d) for its Python stacks (SIGUSR2; on its stderr)", rank, pid)
-            try:
-                os.kill(pid, signal.SIGUSR2)
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                continue
-        time.sleep(self.options.stack_dump_wait)
+            st = hang.read_state(w.id)
+            self._hang_states[w.global_rank] = st
+            stacks = hang.python_stacks(w.id) if not st.gone else None
+            path = out_dir / f"hang-{int(time.time())}-rank{w.global_rank}.txt"
+            path.write_text(hang.report(w.global_rank, st, stacks))
+            log.error("ftrun: hung group: rank %d (pid %d) is %s; details in %s", w.global_rank, w.id,
+                      st.describe(), path)
+            if stacks is None and not (st.stopped or st.gone) and w.id in reported:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(w.id, signal.SIGUSR2)  # faulthandler (launcher/heartbeat.py): stacks on stderr
+                    asked = True
+        if asked:
+            time.sleep(self.options.stack_dump_wait)
+
+    def _recheck(self, wg: WorkerGroup, result: RunResult) -> RunResult:
+        """The workers' real exit states now: a hung group whose workers all finished meanwhile succeeded."""
+        again = super()._monitor_workers(wg)
+        if again.state is WorkerState.SUCCEEDED:
+            log.warning("ftrun: the workers judged hung have all finished meanwhile: the job succeeded")
+            return again
+        return result

@@ -158,11 +158,30 @@ def options_from_args(args: argparse.Namespace, cmd_args: list[str]):
                         policy=policy)
 
 
+def start_fork_server(argv: list[str]) -> None:
+    """Start the warm-start fork server now if the command line plainly runs a ``.py`` script.
+
+    Called before this process imports torch (torchrun's parser does), so that the server's
+    imports of torch and of what workers import lazily overlap the agent's own instead of
+    following it: seconds off a cold start, such as a replacement node's. :func:`prepare` still
+    decides; a server started for a command that turns out not to use it stays idle.
+    """
+    for token in argv:
+        if token in ("--no-warm-start", "--no-python", "--no_python", "-m", "--module"):
+            return
+        if token.endswith(".py") and not token.startswith("-"):  # the training script: ftrun's flags end here
+            multiprocessing.set_forkserver_preload(WARM_MODULES)
+            threading.Thread(target=multiprocessing.forkserver.ensure_running, name="ftrun-forkserver",
+                             daemon=True).start()
+            return
+
+
 def main(argv: list[str] | None = None) -> int:
     # torch's C++ warnings repeat, with a C++ stack, what ftrun and the workers say in one line
     # (a store connection closed). Read once, when torch is imported (build_parser imports it);
     # the fork server and the workers inherit it.
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    start_fork_server(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     done = finished.check_command(args.training_script, args.training_script_args, module=args.module)
     if done:  # before any rendezvous: a late node of a finished job starts nothing and writes nothing
@@ -176,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ftrun: error: {e}", file=sys.stderr)
         return 2
     if config.start_method == "forkserver":
-        # Start the fork server now, in the background, so its torch import overlaps this
-        # agent's rendezvous instead of following it.
+        # Start the fork server now (unless start_fork_server already has), in the background,
+        # so its imports overlap this agent's rendezvous instead of following it.
         threading.Thread(target=multiprocessing.forkserver.ensure_running, name="ftrun-forkserver",
                          daemon=True).start()
     from launcher.agent.supervisor import supervise

@@ -42,7 +42,8 @@ class _Console(logging.Filter):
         if not record.name.startswith("torch"):
             return True
         if record.name == TORCH_WORKER_EXIT:
-            return record.exc_info is not None and type(record.exc_info[1]).__name__ == WORKER_RAISED
+            raised = type(record.exc_info[1]).__name__ if record.exc_info else getattr(record, "exc_type", None)
+            return raised == WORKER_RAISED  # (supervisor.RenderedTraceback keeps the type, drops exc_info)
         if record.levelno < logging.ERROR:
             return False
         record.msg, record.args = record.getMessage().splitlines()[0], None

@@ -87,7 +87,7 @@ class Recorder:
 
     def workers_stopped(self, monitor: ProgressMonitor) -> None:
         """The failed attempt's workers are gone. Steps they completed after the failure was
-        recorded (a hung rank continued to dump its stacks, a peer finished a step) are lost too."""
+        recorded (a peer finished its step while the hung group was inspected) are lost too."""
         if self.pending is None:
             return
         self.pending.stopped = self.clock()

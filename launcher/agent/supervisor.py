@@ -33,6 +33,7 @@ from torch.distributed.elastic.rendezvous.api import (
     RendezvousStateError,
     RendezvousTimeoutError,
 )
+from torch.distributed.elastic.rendezvous.static_tcp_rendezvous import StaticTCPRendezvous
 from torch.distributed.launcher.api import LaunchConfig, _get_addr_and_port
 
 from launcher import logs
@@ -40,6 +41,7 @@ from launcher.agent import console
 from launcher.agent.agent import AgentOptions, FtAgent
 from launcher.agent.policy import Action
 from launcher.agent.report import Recorder, format_summary
+from launcher.agent.static import FreshStoreStatic
 from launcher.dist import rendezvous_store_on_endpoint
 
 log = logging.getLogger("ftrun")
@@ -55,6 +57,10 @@ def launch_once(config: LaunchConfig, entrypoint, args: list[str], options: Agen
                                   min_nodes=config.min_nodes, max_nodes=config.max_nodes,
                                   local_addr=config.local_addr, **config.rdzv_configs)
     master_addr, master_port = _get_addr_and_port(params)
+    rdzv_handler = rdzv_registry.get_rendezvous_handler(params)
+    if isinstance(rdzv_handler, StaticTCPRendezvous):
+        # A fresh worker store per round (launcher/agent/static.py); its address comes from the round.
+        rdzv_handler, master_addr, master_port = FreshStoreStatic(rdzv_handler), None, None
     os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = config.signals_to_handle
     # By default torch's workers keep using rank 0's agent store across restarts, and a
     # restarted gloo group reads its dead predecessors' addresses from it ("Gloo
@@ -94,12 +100,30 @@ def launch_once(config: LaunchConfig, entrypoint, args: list[str], options: Agen
     return 0 if final.action is Action.SUCCEED else (final.exit_code or 1)
 
 
+class RenderedTraceback(logging.Filter):
+    """Render a record's traceback with logging's own formatter, so torch's need not.
+
+    torch's log formatter imports ``torch._dynamo`` (and sympy) to format a record that carries a
+    traceback, which its process context logs when a worker fails: 3-5 s on the loaded 2-core test
+    machine, spent between the failure and the restart. The text printed is the same.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            record.exc_text = record.exc_text or logging.Formatter().formatException(record.exc_info)
+            record.exc_type = type(record.exc_info[1]).__name__  # what the console filter decides on
+            record.exc_info = None
+        return True
+
+
 def supervise(config: LaunchConfig, entrypoint, args: list[str], options: AgentOptions, store_reforms: int) -> int:
     """Run agents on this node until the job ends; print the summary; return the exit code.
 
     After Ctrl-C the summary goes to the log file only: the workers' one line (``Interrupted at
     step N; ...``) is the last thing on the console.
     """
+    # Filters apply to the logger a record comes from: the one that reports failed workers.
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(RenderedTraceback())
     recorder = Recorder(options.run_dir)
     recorder.agent_started()
     reforms, code, result, quiet = 0, 1, "failed", False

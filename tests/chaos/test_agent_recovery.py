@@ -125,6 +125,11 @@ def test_fixed_size_job_survives_crash_in_save_hang_and_node_loss_bit_equal(tmp_
 
     kinds = [e.get("failure_kind") for e in events.read(run_dir) if e["kind"] == "failure"]
     assert "hang" in kinds and "worker_exit" in kinds, kinds
+    # The stopped worker is reported as stopped, and was not continued to get its stacks.
+    hangs = [e for e in events.read(run_dir) if e.get("failure_kind") == "hang"]
+    assert any(e.get("stopped") for e in hangs), hangs
+    reports = "".join(p.read_text() for p in (run_dir / "stacks").glob("hang-*.txt"))
+    assert "stopped (SIGSTOP/SIGTSTP)" in reports and "NOT continued" in reports
     recovered = [e for e in events.read(run_dir) if e["kind"] == "recovered"]
     assert len({round(e["failure_time"]) for e in recovered}) >= 3, recovered
     assert all(e["recovery_seconds"] > 0 for e in recovered)

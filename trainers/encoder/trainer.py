@@ -19,6 +19,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from launcher.config import Checks
+from launcher.exact import make_deterministic
 from trainers.common import (
     all_reduce_mean,
     global_batch_indices,
@@ -122,7 +123,9 @@ class EncoderTrainer:
         m = cfg.model
         net = TemporalEncoder(self.train_x.shape[-1], cfg.data.window, m.d_model, m.n_heads, m.n_layers,
                               m.ff_dim, m.dropout, m.kernel).to(self.device)
-        self.model = DDP(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        # Gradients averaged in rank order: a resumed run reduces each step as an uninterrupted one did.
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        self.model = make_deterministic(DDP(net, device_ids=device_ids))
         o = cfg.optim
         self.schedule = WarmupCosine(o.warmup_steps, o.min_lr_ratio, self._total())
         self.lr_control = LrControl({"model": ("optim.lr", "optim")}, {"model": o.lr})

@@ -39,10 +39,10 @@ from typing import Any
 import torch
 
 from launcher.config import Checks
+from launcher.exact import average_gradients
 from trainers.common import (
     DataError,
     all_reduce_mean,
-    average_gradients,
     global_batch_indices,
     load_module_state,
     load_optimizer_state,
