@@ -38,8 +38,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.nn.parallel import DistributedDataParallel
 
 from launcher.checkpoint.files import CheckpointError
+from launcher.exact import make_deterministic
 
 #: Top-level keys the run itself saves next to the registered states.
 RESERVED = ("progress", "rng")
@@ -178,8 +180,10 @@ class TrainerEntry:
 def entry_for(name: str, obj: Any) -> Entry:
     """The entry that saves ``obj`` under ``name``, or a RegistrationError saying what fits."""
     if isinstance(obj, nn.Module):
-        # Seam for issue 9: launcher/exact.py's deterministic DDP gradient reduction is applied
-        # here, to every registered DDP module (exactness at world size >= 3). One call site.
+        if isinstance(obj, DistributedDataParallel):
+            # Gradients averaged in rank order, so a resumed run reduces each step exactly as an
+            # uninterrupted one did at world size >= 3 (launcher/exact.py; a no-op if already done).
+            make_deterministic(obj)
         return ModuleEntry(obj)
     if isinstance(obj, torch.optim.Optimizer):
         return OptimizerEntry(obj)
