@@ -1,4 +1,5 @@
-"""The lean step loop's bookkeeping (``launcher/steps.py``): when the ranks agree, and what they record."""
+"""The lean step loop's bookkeeping (``launcher/steps.py``): when the ranks agree, what they record,
+and which records a survivor holds after a peer was lost."""
 
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def run(step_seconds: float, steps: int = 23, interval: int = 10) -> tuple[list,
         log.add(n, {"loss": 1e16 * n, "lr": torch.tensor(0.5)}, now=clock.now)
         if log.due(n):
             syncs.append(n)
-            records += log.sync(n, wants_save=False, preempted=False).records
+            records += log.sync(n).records
     return records, syncs
 
 
@@ -79,12 +80,16 @@ def test_recorded_values_do_not_depend_on_the_sync_points():
 
 def test_flags_of_any_rank_reach_every_rank():
     clock = Clock()
-    log = StepLog(2, 10, lambda vec: vec.mul_(2), clock=clock)  # two ranks holding the same values
+    def two_ranks(vec):  # two ranks holding the same values; summed at once
+        vec.mul_(2)
+
+    log = StepLog(2, 10, two_ranks, clock=clock)
     log.start(0)
     log.add(1, {"loss": 1.0}, now=0.0)
-    synced = log.sync(1, wants_save=True, preempted=False)
+    log.add(2, {"loss": 3.0}, now=1.0, wants_save=True)  # any step of the window
+    synced = log.sync(2)
     assert synced.wants_save and not synced.preempted
-    assert synced.records == [(1, {"loss": 1.0}, 0.0)]
+    assert synced.records == [(1, {"loss": 1.0}, 0.0), (2, {"loss": 3.0}, 1.0)]
 
 
 def test_metric_names_must_stay_the_same_and_be_numbers():
@@ -94,12 +99,65 @@ def test_metric_names_must_stay_the_same_and_be_numbers():
     log.add(2, {"lr": 0.1, "loss": 2.0}, now=0.0)  # another order is fine
     with pytest.raises(ValueError, match="metric names changed from loss, lr to loss"):
         log.add(3, {"loss": 1.0}, now=0.0)
-    log.add(3, {"loss": torch.ones(3), "lr": 0.1}, now=0.0)
     with pytest.raises(ValueError, match=r"loss=\.\.\.\) at step 3: .* got a tensor of 3 values"):
-        log.sync(3, wants_save=False, preempted=False)
+        log.add(3, {"loss": torch.ones(3), "lr": 0.1}, now=0.0)
     with pytest.raises(ValueError, match="set by the loop itself"):
         StepLog(1, 10).add(1, {"loss": 1.0, "epoch": 2}, now=0.0)
-    text = StepLog(1, 10)
-    text.add(1, {"loss": "low"}, now=0.0)
     with pytest.raises(ValueError, match="got str"):
-        text.sync(1, wants_save=False, preempted=False)
+        StepLog(1, 10).add(1, {"loss": "low"}, now=0.0)
+
+
+class Work:
+    """A fake agreement in flight: completes when told, or fails (its peer is gone)."""
+
+    def __init__(self):
+        self.done, self.error = False, None
+
+    def is_completed(self) -> bool:
+        return self.done
+
+    def wait(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+def test_a_survivor_holds_the_records_whose_agreement_completed():
+    """After a peer is lost: the steps every rank shared, oldest first, up to the first that one never sent."""
+    works: list[Work] = []
+
+    def reduce(vec):
+        works.append(Work())
+        return works[-1]
+
+    log = StepLog(2, 10, reduce)
+    log.start(0)
+    for n in (1, 2, 3):
+        log.add(n, {"loss": float(n)}, now=float(n))
+    assert log.buffered == [1, 2, 3]
+    works[0].done = works[1].done = True
+    works[2].done, works[2].error = True, RuntimeError("Connection reset by peer")
+    agreed = log.agreed(timeout=0.05)
+    assert not agreed.complete and agreed.missing == 3
+    assert [s for s, _, _ in agreed.records] == [1, 2]
+    works[2].error = None  # this survivor did get every rank's values of step 3
+    assert log.agreed(timeout=0.05).complete
+    works.append(Work())
+    log.add(4, {"loss": 4.0}, now=4.0)  # never completes: the dead rank did not reach it
+    late = log.agreed(timeout=0.05)
+    assert not late.complete and late.missing == 4 and len(late.records) == 3
+
+
+def test_a_failed_agreement_raises_at_the_sync_point_and_keeps_the_buffer():
+    works: list[Work] = []
+
+    def reduce(vec):
+        works.append(Work())
+        works[-1].done, works[-1].error = True, RuntimeError("Connection reset by peer")
+        return works[-1]
+
+    log = StepLog(2, 10, reduce)
+    log.start(0)
+    log.add(1, {"loss": 1.0}, now=1.0)
+    with pytest.raises(RuntimeError, match="reset by peer"):
+        log.sync(1)
+    assert log.buffered == [1], "a snapshot still sees what was not agreed"
