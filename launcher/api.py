@@ -55,6 +55,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from launcher import dist as ldist
 from launcher import endings, epochs, events, exit_codes, fileio, logs, observers, rng, snapshot
 from launcher import env as cluster_env
+from launcher.checkpoint import faults
 from launcher.checkpoint.files import CheckpointError
 from launcher.checkpoint.manager import CheckpointManager
 from launcher.checkpoint.record import CheckpointRecord, read_record
@@ -142,6 +143,7 @@ class FaultTolerant:
         self._closing: snapshot.Closing | None = None  # what end_step still records for its boundary
         self._last_window: list[dict[str, Any]] = []  # the records of the last sync point (rank 0 may lack them)
         self._internal = False  # our own state_dict calls (their optimizer steps are not the user's)
+        self._failpoint = faults.active()  # a testing aid: none outside tests
         self._started = time.time()
         self._stack = contextlib.ExitStack()
         try:
@@ -384,7 +386,7 @@ class FaultTolerant:
         check_fits(path, template, CheckpointManager.saved_shapes(path))
         # No RNG state is loaded: random draws are per-step streams (launcher/rng.py); the
         # per-rank states older checkpoints hold (rng.rank<N>) are left unread.
-        log.info("Resuming from checkpoint: %s (%s)", path, _origin(info))
+        log.info("Resuming from checkpoint: %s", path)
         loaded = self.manager.load(path, {**template, "progress": ""})
         step = info.step
         with self._ours():
@@ -512,6 +514,8 @@ class FaultTolerant:
         rng.seed_step(self.seed, self.progress.step, self.rank)
         self.heartbeat.report(self.progress.step, "training")
         self._clean = True
+        if self._failpoint is not None:  # tests only (launcher/checkpoint/faults.py)
+            faults.hit("step_start", self.progress.step, self.rank, self._failpoint)
 
     def _publish(self, synced: list[tuple[int, dict[str, float], float]]) -> float:
         """Write the agreed step records; show the logged ones. Returns the last step's loss."""
@@ -601,6 +605,8 @@ class FaultTolerant:
 
     def _on_optimizer_step(self, optimizer, args, kwargs) -> None:
         if not self._internal:
+            if self._clean and self._failpoint is not None:
+                faults.hit("optimizer_step", self.progress.step, self.rank, self._failpoint)
             self._clean = False
 
     @contextlib.contextmanager
