@@ -187,3 +187,20 @@ def test_the_failure_line_says_what_became_of_the_snapshot(tmp_path, caplog):
     endings.peer_lost(ClusterEnv(kind="torchrun", world_size=2), tmp_path, 7, RuntimeError("Connection reset by peer"),
                       "wrote a snapshot of step 7 in 0.05 s")
     assert "at step 7" in caplog.text and "; wrote a snapshot of step 7 in 0.05 s;" in caplog.text
+
+
+def test_a_gradient_average_whose_gather_failed_raises(monkeypatch):
+    """A survivor never steps on a gradient whose gather failed (its buffer was never filled):
+    the failure reaches ``backward()``, at the step boundary, where a snapshot is still exact."""
+    from launcher import exact
+
+    class FailedWork:
+        def get_future(self):
+            fut = torch.futures.Future()
+            fut.set_exception(RuntimeError("Connection reset by peer"))
+            return fut
+
+    monkeypatch.setattr(exact.dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(exact, "_all_gather", lambda *a, **kw: FailedWork())
+    with pytest.raises(RuntimeError, match="Connection reset by peer"):
+        exact.mean_over_ranks(torch.ones(4)).wait()
