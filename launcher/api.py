@@ -514,7 +514,10 @@ class FaultTolerant:
         rng.seed_step(self.seed, self.progress.step, self.rank)
         self.heartbeat.report(self.progress.step, "training")
         self._clean = True
-        if self._failpoint is not None:  # tests only (launcher/checkpoint/faults.py)
+        if self._failpoint is not None and self._failpoint.matches("step_start", self.progress.step, self.rank):
+            # Tests only (launcher/checkpoint/faults.py): die as a rank killed in the step's forward pass
+            # would, its last step's metrics shared (they leave within a millisecond of end_step).
+            self._steps.agreed(timeout=5.0)
             faults.hit("step_start", self.progress.step, self.rank, self._failpoint)
 
     def _publish(self, synced: list[tuple[int, dict[str, float], float]]) -> float:
