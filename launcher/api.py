@@ -42,6 +42,7 @@ import logging
 import signal
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -67,9 +68,11 @@ from launcher.observe import Observer
 from launcher.preempt import TEARDOWN_SIGNAL, PreemptionFlag, teardown
 from launcher.startup import init_source, lock_run_dir, together
 from launcher.state import RegistrationError, StateRegistry, check_fits
-from launcher.steps import Progress, StepLog, settle_evaluation, settle_steps
+from launcher.steps import Progress, StepLedger, StepLog, settle_evaluation, settle_steps
 
 log = logging.getLogger("launcher")
+
+LEDGER_DIR = "steps"  # RUN_DIR/steps/rank<N>.bin: each rank's values of each step (launcher/steps.py)
 
 __all__ = ["CheckpointError", "FaultTolerant", "RegistrationError", "UsageError", "run_main"]
 
@@ -144,6 +147,7 @@ class FaultTolerant:
         self._last_window: list[dict[str, Any]] = []  # the records of the last sync point (rank 0 may lack them)
         self._internal = False  # our own state_dict calls (their optimizer steps are not the user's)
         self._failpoint = faults.active()  # a testing aid: none outside tests
+        self._ledger_token = ""  # the attempt's step ledgers (launcher/steps.py)
         self._started = time.time()
         self._stack = contextlib.ExitStack()
         try:
@@ -201,13 +205,7 @@ class FaultTolerant:
         self.metrics = MetricsLog(self.run_dir, enabled=ctx.is_main)
         self._stack.callback(self.metrics.close)
         self.heartbeat = Heartbeat(ctx.env.agent_progress_file, ctx.rank)
-        # Each step's metrics and flags are summed over the ranks as the step ends, in the background:
-        # on the gloo control group, or with NCCL on the training group, the values left on the device.
-        on_device = "nccl" in str(ctx.backend)
-        group = None if on_device else ctx.control_group
-        reduce = (lambda vec: dist.all_reduce(vec, group=group, async_op=True)) if ctx.world_size > 1 else None
-        self._steps = StepLog(ctx.world_size, self.log_interval, reduce,
-                              device=ctx.device if on_device else torch.device("cpu"))
+        self._steps = StepLog(ctx.world_size, self.log_interval, self._gather if ctx.world_size > 1 else None)
         self._early_stop = EarlyStopping(self.manager.best_metric, self.manager.best_mode, *self._early_stop_args)
         self.manager.prepare()
         self.checkpoint = self.manager.resolve(resume)
@@ -217,6 +215,32 @@ class FaultTolerant:
             self.init_source = init_source(self.init_from, ctx)
         elif self.init_from is not None:
             log.info("--init-from %s: not used, this run already has a checkpoint to resume from", self.init_from)
+
+    def _gather(self, vec: torch.Tensor) -> torch.Tensor:
+        """Every rank's copy of ``vec`` (the loop's agreement at sync points, on the gloo control group)."""
+        out = vec.new_empty((self.world_size, vec.numel()))
+        dist.all_gather_into_tensor(out, vec, group=self.ctx.control_group)
+        return out
+
+    def _open_ledger(self) -> None:
+        """This rank's step ledger (``launcher/steps.py``): with peers, and values on the CPU only."""
+        ctx = self.ctx
+        if ctx.world_size == 1 or ctx.device.type != "cpu":
+            return
+        box = [uuid.uuid4().hex if ctx.is_main else None]  # the attempt's token, the same on every rank
+        dist.broadcast_object_list(box, src=0, group=ctx.control_group)
+        self._ledger_token = box[0]
+        try:
+            ledger = StepLedger(self.run_dir / LEDGER_DIR, self.rank, box[0])
+        except OSError as e:  # the run goes on; a snapshot after a lost peer cannot be exact, and is not written
+            log.warning("Cannot keep the step ledger in %s: %s", self.run_dir / LEDGER_DIR, fileio.describe_os_error(e))
+            return
+        self._stack.callback(ledger.close)
+        self._steps.ledger = ledger
+
+    def _peer_steps(self, rank: int) -> dict[int, tuple[float, ...]]:
+        """Rank ``rank``'s values by step from its ledger (for a snapshot)."""
+        return StepLedger.read(self.run_dir / LEDGER_DIR, rank, self._ledger_token, len(self._steps.keys))
 
     def _together(self, step: Callable[[], Any]) -> Any:
         return together(step, self.ctx)
@@ -352,6 +376,7 @@ class FaultTolerant:
         self._together(lambda: (self._write_config(), self._record_start()))
         self._first_step = self.progress.step
         self._started = time.time()
+        self._open_ledger()
         self._steps.start(self.progress.step)
         self.observer.on_start(self.run_dir, self.progress.step, total_steps, resumed=bool(self.progress.resumed_at))
         self.preempt.training()  # from here on SIGTERM is a preemption (launcher/preempt.py)
@@ -468,7 +493,7 @@ class FaultTolerant:
         n = step + 1
         self.progress.step = n
         self._clean = True  # the step is over: from here on the state is boundary n's (launcher/snapshot.py)
-        self._steps.add(n, metrics, time.time(), self.manager.local_wants_save(), self.preempt.raised)
+        self._steps.add(n, metrics, time.time())
         epoch_end = n % self.steps_per_epoch == 0
         final = n >= self.total_steps
         if callable(evals):
@@ -481,7 +506,7 @@ class FaultTolerant:
         if not self._steps.due(n, forced=epoch_end or final or scores is not None or due is not None or alone):
             self._boundary()
             return False
-        synced = self._steps.sync(n)
+        synced = self._steps.sync(n, self.manager.local_wants_save(), self.preempt.raised)
         loss = self._publish(synced.records)
         if self._closing.evals is not None:
             self._evaluation_record(n, self._closing.evals, epoch_end)
@@ -514,10 +539,7 @@ class FaultTolerant:
         rng.seed_step(self.seed, self.progress.step, self.rank)
         self.heartbeat.report(self.progress.step, "training")
         self._clean = True
-        if self._failpoint is not None and self._failpoint.matches("step_start", self.progress.step, self.rank):
-            # Tests only (launcher/checkpoint/faults.py): die as a rank killed in the step's forward pass
-            # would, its last step's metrics shared (they leave within a millisecond of end_step).
-            self._steps.agreed(timeout=5.0)
+        if self._failpoint is not None:  # tests only (launcher/checkpoint/faults.py)
             faults.hit("step_start", self.progress.step, self.rank, self._failpoint)
 
     def _publish(self, synced: list[tuple[int, dict[str, float], float]]) -> float:

@@ -15,9 +15,10 @@ What makes a snapshot exactly what a periodic checkpoint of that step would have
   ``step()`` (a global optimizer hook) or :meth:`FaultTolerant.mutating`. Our trainers do all of
   a step's collectives before its first change to saved state, so a peer lost during a step
   finds the survivors at the boundary before it (``docs/own-trainer.md``).
-* **The step records**: every step's metrics start their agreement over the ranks as the step
-  ends (``launcher/steps.py``); the snapshot needs those of every step up to the boundary, and
-  carries the ones ``metrics.jsonl`` may lack (rank 0 writes the file, and may be the one lost).
+* **The step records**: the snapshot needs the records of every step up to the boundary, agreed
+  at sync points or rebuilt from every rank's step ledger (``launcher/steps.py``: each rank
+  appends its values of each step to ``RUN_DIR/steps/rank<N>.bin``), and carries those
+  ``metrics.jsonl`` may lack (rank 0 writes the file, and may be the one lost).
 * **Nothing only the dead rank held**: random draws come from per-step streams, a function of
   (seed, step, rank, stream) (``launcher/rng.py``), so no per-rank random state is saved.
 
@@ -25,9 +26,9 @@ The decision, in order; when there is no snapshot, the first reason that applies
 
 1. training had begun, the state is at a clean boundary (:attr:`FaultTolerant.clean_boundary`),
    and this attempt completed a step since it started (else its checkpoint holds that state);
-2. every rank shared the metrics of every step up to the boundary (waited for at most
-   :data:`AGREE_WAIT` seconds): not so when a rank died after its step's last collective but
-   before its ``end_step`` (during its optimizer step);
+2. every rank's values of every step up to the boundary are known (agreed at a sync point, or
+   in its ledger): not so when a rank died after its step's last collective but before its
+   ``end_step`` (during its optimizer step), or when the values live on an accelerator (no ledger);
 3. no saved tensor is sharded across ranks (``DTensor``, ``ShardedTensor``): a survivor holds
    the whole state under data parallelism only.
 """
@@ -50,8 +51,6 @@ if TYPE_CHECKING:
     from launcher.api import FaultTolerant
 
 log = logging.getLogger("launcher")
-
-AGREE_WAIT = 2.0  # seconds a survivor waits for the agreements of its last steps to complete
 
 
 @dataclass
@@ -111,9 +110,9 @@ def _take(ft: FaultTolerant) -> Outcome:
                        if ft.started else "no snapshot: training had not begun")
     if step == ft._first_step:
         return Outcome(step, note="no snapshot needed: no step was completed since this attempt's checkpoint")
-    agreed = ft._steps.agreed(AGREE_WAIT)
+    agreed = ft._steps.agreed(ft._peer_steps, ft.rank)
     if not agreed.complete:
-        return Outcome(step, note=f"no snapshot: step {agreed.missing}'s metrics did not reach every rank "
+        return Outcome(step, note=f"no snapshot: step {agreed.missing}'s metrics were not written by every rank "
                                   f"before the failure")
     ft.heartbeat.report(step, "snapshot")  # ftrun waits for a rank that says so (launcher/agent/agent.py)
     p, closing = ft.progress, ft._closing if ft._closing is not None and ft._closing.step == step else None

@@ -1,21 +1,10 @@
 """The loop's per-step bookkeeping, kept off the step's critical path.
 
-Per step the loop hands the step's metrics to :meth:`StepLog.add`, which packs them, with this
-rank's save request, preemption flag and step time, into one small vector and *starts* its sum
-over the ranks (``all_reduce(async_op=True)``: on the gloo control group on CPU, on the training
-group with the values left on the device under NCCL). Nothing waits for it: no device
-synchronisation, no blocking collective, no file write. At a *sync point* the loop collects the
-sums of the steps since the last one (they completed long ago), and the step records are written.
-
-Why every step's metrics start their agreement at once instead of being buffered until the sync
-point: a rank that dies takes its unshared values with it. The survivors of a failure write a
-just-in-time snapshot of the step boundary they hold (``launcher/api.py``), and that snapshot
-must carry the agreed records of every step up to it, or the run's history (``metrics.jsonl``,
-the epoch's mean training loss) would differ from an uninterrupted run's. Sharing each step's
-values as the step ends costs a few microseconds of this thread (the sum runs on the backend's
-own thread) and leaves only one window open: a rank killed after its last collective of a step
-but before that step's ``end_step`` (its optimizer step) dies before sharing the step's values;
-then :meth:`StepLog.agreed` says so and no snapshot is written (``docs/failures.md``).
+Per step the loop only appends the step's metrics to a buffer: numbers, or tensors that stay
+where they are (no device synchronisation, no collective). At a *sync point* the buffer is
+combined across ranks in one collective on the gloo control group (an all-gather, summed in
+rank order), together with each rank's save request, preemption flag and step time, and the
+step records are written.
 
 Sync points (every rank computes the same ones):
 
@@ -23,34 +12,52 @@ Sync points (every rank computes the same ones):
 * epoch ends, evaluations, and steps at which a checkpoint is due by step count;
 * steps after which about :data:`SYNC_SECONDS` of training passed since the last sync: each
   sync sets how many steps may pass before the next one (1 to ``log_interval``) from the
-  ranks' mean step time, which is part of the agreed vectors and hence equal on every rank.
+  ranks' mean step time, which is part of the combined vector and hence equal on every rank.
 
 So a preemption signal or a save request on any rank is acted upon by every rank at the same
 step, within about ``SYNC_SECONDS`` of training or one step, whichever is longer. With one
 process the flags are read every step.
 
-Exactness: every step's vector has the same length and every metric the same slot in it, so the
-sum over ranks adds the same numbers in the same order whatever the sync points were, and an
-interrupted and resumed run records the very same values as an uninterrupted one.
+Exactness: every metric of every step has a fixed slot in a fixed-size vector (its step's
+position in its ``log_interval`` window; a window never spans two), and the ranks' vectors are
+added in rank order, so an interrupted and resumed run records the very same values as an
+uninterrupted one.
+
+**The step ledger** (:class:`StepLedger`). A rank that dies takes the values it had not yet
+shared with it, and the survivors' just-in-time snapshot (``launcher/snapshot.py``) needs the
+records of every step up to the boundary it saves, or the run's history (``metrics.jsonl``, the
+epoch's mean training loss) would differ from an uninterrupted run's. So each rank also appends
+its values of each step to its own small file in the run directory as the step ends: one
+``write`` of a few dozen bytes, microseconds (a collective per step costs a hundred times more
+CPU on a busy machine, and the lean loop exists to avoid one). A survivor reads the others'
+files for the steps since the last sync point and adds them in rank order, the same sum a
+sync point computes. A rank killed in its optimizer step (after the step's last collective,
+before its ``end_step``) has not written that step: then :meth:`StepLog.agreed` says so and no
+snapshot is written. The ledger needs the values on the CPU: it is off when the loop's device is
+an accelerator (a per-step device synchronisation is what the lean loop avoids; with NCCL a lost
+peer blocks the survivors' collectives anyway).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import numbers
+import os
+import struct
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from launcher import epochs
+from launcher import epochs, fileio
 
 SYNC_SECONDS = 1.0  # most training time between two agreements of the ranks (see the module docstring)
 RECORD_KEYS = ("step", "epoch", "time")  # set by the loop; a metric may not use these names
-FLAGS = 3  # wants_save, preempted, step seconds: the last slots of every step's vector
 
 
 @dataclass
@@ -90,66 +97,106 @@ class Synced:
 
 @dataclass
 class Agreed:
-    """The outcome of :meth:`StepLog.agreed`: the records whose agreement completed, oldest first."""
+    """What a survivor can reconstruct of the steps since the last sync point (:meth:`StepLog.agreed`)."""
 
-    records: list[Record]
-    complete: bool  # every buffered step up to the last one added is among them
-    missing: int | None = None  # the first step whose agreement did not complete
+    records: list[Record]  # the steps every rank's values are known of, oldest first
+    complete: bool  # all the buffered steps
+    missing: int | None = None  # the first step some rank's values are missing of
 
 
-@dataclass
-class _Step:
-    step: int
-    vec: torch.Tensor  # this rank's values; the sum over ranks once ``work`` completed
-    work: Any  # the agreement in flight (torch's Work), or None when it completed at once
-    time: float  # wall time of the step's end
+class StepLedger:
+    """One rank's values of every step, appended to ``DIR/rank<R>.bin`` as the step ends.
+
+    The file starts with a header line naming the attempt (a token every rank of it shares), then
+    holds one fixed-size record per step: the step (int64) and its values (float64, in the metric
+    names' order). A torn last record (the writer killed mid-write) is ignored by :meth:`read`.
+    Each attempt starts the file afresh.
+    """
+
+    def __init__(self, directory: Path, rank: int, token: str):
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / f"rank{rank}.bin"
+        self._fd: int | None = fileio.open_regular(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND)
+        os.write(self._fd, f"ftlaunch-steps {token}\n".encode())
+
+    def write(self, step: int, values: list[float]) -> None:
+        if self._fd is not None:
+            os.write(self._fd, struct.pack(f"<q{len(values)}d", step, *values))
+
+    def close(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+    @staticmethod
+    def read(directory: Path, rank: int, token: str, width: int) -> dict[int, tuple[float, ...]]:
+        """Rank ``rank``'s values by step, if its file belongs to attempt ``token`` (else none)."""
+        try:
+            data = fileio.read_bytes(directory / f"rank{rank}.bin", limit=1 << 30)
+        except OSError:
+            return {}
+        header, _, body = data.partition(b"\n")
+        if header != f"ftlaunch-steps {token}".encode():
+            return {}
+        size = struct.calcsize(f"<q{width}d")
+        out = {}
+        for i in range(len(body) // size):
+            step, *values = struct.unpack_from(f"<q{width}d", body, i * size)
+            out[step] = tuple(values)
+        return out
 
 
 class StepLog:
-    """Starts each step's agreement over the ranks and collects the agreed records at sync points.
+    """Buffers step metrics between sync points and combines them across ranks there.
 
     Args:
         world_size: ranks in the job.
         log_interval: steps per log window (a sync point ends every window).
-        reduce: starts an in-place sum over the ranks of a float64 tensor and returns a handle
-            with ``wait()`` and ``is_completed()`` (torch's ``Work``), or None when it summed at
-            once; None at world size 1.
+        gather: every rank's copy of a float64 CPU tensor, as a ``[world_size, n]`` tensor
+            (None at world size 1).
         sync_seconds: most training time between two sync points.
         clock: seconds, monotonic (a fake in tests).
-        device: where the vectors live (the values' device under NCCL, else the CPU).
+        ledger: this rank's :class:`StepLedger` (None: no snapshots can be exact after a loss).
     """
 
-    def __init__(self, world_size: int, log_interval: int, reduce: Callable[[torch.Tensor], Any] | None = None,
+    def __init__(self, world_size: int, log_interval: int, gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  sync_seconds: float = SYNC_SECONDS, clock: Callable[[], float] = time.perf_counter,
-                 device: torch.device | str = "cpu"):
-        self.world, self.interval, self.reduce = world_size, log_interval, reduce
-        self.sync_seconds, self.clock = sync_seconds, clock
-        self.device = torch.device(device)
-        self.keys: tuple[str, ...] = ()  # the metric names, sorted (their order in each vector)
+                 ledger: StepLedger | None = None):
+        self.world, self.interval, self.gather = world_size, log_interval, gather
+        self.sync_seconds, self.clock, self.ledger = sync_seconds, clock, ledger
+        self.keys: tuple[str, ...] = ()  # the metric names, sorted (their order in each row)
         self._order: tuple[str, ...] = ()  # the names in the order the caller passed them last
         self.next_sync = 0
-        self._pending: list[_Step] = []
-        self._tick = clock()  # when the last step ended (or the window began)
+        self._steps: list[int] = []
+        self._rows: list[list[Any]] = []
+        self._times: list[float] = []
+        self._window_start = clock()
 
     def start(self, step: int) -> None:
         """An attempt starts after ``step`` completed steps: its first step is a sync point."""
-        self._pending = []
+        self._steps, self._rows, self._times = [], [], []
         self.keys, self._order = (), ()
         self.next_sync = step + 1
-        self._tick = self.clock()
+        self._window_start = self.clock()
 
-    def add(self, step: int, metrics: Mapping[str, Any], now: float, wants_save: bool = False,
-            preempted: bool = False) -> None:
-        """Start the agreement of completed step ``step``: its metrics (numbers or one-element
-        tensors) and this rank's flags, summed over the ranks in the background."""
+    def add(self, step: int, metrics: Mapping[str, Any], now: float) -> None:
+        """Buffer the metrics of completed step ``step`` (numbers or one-element tensors).
+
+        Only the names are checked here, and only when they change; without a ledger the values
+        are checked at the sync point that reads them (this runs every step and must cost next
+        to nothing); with one, they are written to it now (one ``write``).
+        """
         order = tuple(metrics)
         if order != self._order:
             self._set_names(order, step)
-        tick = self.clock()
-        seconds, self._tick = tick - self._tick, tick
-        vec = self._vector(step, [metrics[k] for k in self.keys], [float(wants_save), float(preempted), seconds])
-        work = self.reduce(vec) if self.reduce is not None and self.world > 1 else None
-        self._pending.append(_Step(step, vec, work, now))
+        row = [metrics[k] for k in self.keys]
+        if self.ledger is not None:
+            row = [self._number(step, j, v) for j, v in enumerate(row)]
+            self.ledger.write(step, row)
+        self._steps.append(step)
+        self._rows.append(row)
+        self._times.append(now)
 
     def _set_names(self, order: tuple[str, ...], step: int) -> None:
         keys = tuple(sorted(order))
@@ -162,72 +209,81 @@ class StepLog:
                 raise ValueError(f"end_step(..., {k}=...): {k!r} is set by the loop itself; rename the metric")
         self.keys, self._order = keys, order
 
-    def _vector(self, step: int, values: list[Any], flags: list[float]) -> torch.Tensor:
-        """The step's float64 vector: metrics in key order, then the flags. Values on an accelerator
-        stay there (one small copy kernel each, no synchronisation)."""
-        for j, v in enumerate(values):
-            if isinstance(v, torch.Tensor) and v.numel() == 1:
-                continue
-            if not isinstance(v, numbers.Real):
-                raise ValueError(f"end_step(..., {self.keys[j]}=...) at step {step}: expected a number or a "
-                                 f"one-element tensor (e.g. the batch's mean loss), got {_describe(v)}")
-        if self.device.type == "cpu" and not any(isinstance(v, torch.Tensor) and v.device.type != "cpu"
-                                                 for v in values):
-            return torch.tensor([float(v) for v in values] + flags, dtype=torch.float64)
-        parts = [v.detach().reshape(1).to(self.device, torch.float64) if isinstance(v, torch.Tensor)
-                 else torch.full((1,), float(v), dtype=torch.float64, device=self.device) for v in [*values, *flags]]
-        return torch.cat(parts)
+    def _number(self, step: int, j: int, v: Any) -> float:
+        if (isinstance(v, torch.Tensor) and v.numel() == 1) or isinstance(v, numbers.Real):
+            return float(v)
+        raise ValueError(f"end_step(..., {self.keys[j]}=...) at step {step}: expected a number or a "
+                         f"one-element tensor (e.g. the batch's mean loss), got {_describe(v)}")
 
     def due(self, step: int, forced: bool = False) -> bool:
         """Whether completed step ``step`` is a sync point (``forced``: the caller's own reasons)."""
         return forced or step % self.interval == 0 or step >= self.next_sync
 
-    def sync(self, step: int) -> Synced:
-        """Collect the agreed records of the steps since the last sync point (they are complete
-        by now; a failed agreement raises here, on every rank that sees it)."""
-        for p in self._pending:
-            if p.work is not None:
-                p.work.wait()
-        rows = [(p, p.vec.tolist()) for p in self._pending]  # one device-to-host copy per step, here only
-        records = [self._record(p, out) for p, out in rows]
-        seconds = [out[-1] / self.world for _, out in rows]
-        # The time per step that spaces sync points: the first step of a window also holds what
-        # ran before it (an evaluation, a save), so it counts only when it is the only one.
-        per_step = sum(seconds[1:]) / (len(seconds) - 1) if len(seconds) > 1 else sum(seconds)
-        allowed = math.floor(self.sync_seconds / per_step) if per_step > 0 else self.interval
+    def sync(self, step: int, wants_save: bool, preempted: bool) -> Synced:
+        """Combine the buffered steps and this rank's flags over the ranks (one collective)."""
+        m, n_steps = len(self.keys), len(self._steps)
+        values = [0.0] * (self.interval * m + 3)
+        tensors: list[tuple[int, torch.Tensor]] = []
+        for s, row in zip(self._steps, self._rows, strict=True):
+            base = ((s - 1) % self.interval) * m
+            for j, v in enumerate(row):
+                if isinstance(v, torch.Tensor) and v.numel() == 1:
+                    tensors.append((base + j, v))
+                else:
+                    values[base + j] = self._number(s, j, v)
+        if tensors:  # one device-to-host copy for the whole window
+            device = tensors[0][1].device
+            host = torch.stack([t.detach().to(device, torch.float64).reshape(()) for _, t in tensors]).cpu()
+            for (i, _), x in zip(tensors, host.tolist(), strict=True):
+                values[i] = x
+        # This rank's time per step: from the steps' own timestamps (a pause before the window's
+        # first step, e.g. an evaluation, does not count), or since the last sync for one step.
+        per_step = ((self._times[-1] - self._times[0]) / (n_steps - 1) if n_steps > 1
+                    else self.clock() - self._window_start)
+        values[-3:] = [float(wants_save), float(preempted), max(per_step, 0.0)]
+        vec = torch.tensor(values, dtype=torch.float64)
+        out = _rank_ordered_sum(self.gather(vec)) if self.gather is not None and self.world > 1 else values
+        records = []
+        for s, t in zip(self._steps, self._times, strict=True):
+            base = ((s - 1) % self.interval) * m
+            records.append((s, {k: out[base + j] / self.world for j, k in enumerate(self.keys)}, t))
+        mean_step = out[-1] / self.world
+        allowed = math.floor(self.sync_seconds / mean_step) if mean_step > 0 else self.interval
         self.next_sync = step + max(1, min(self.interval, allowed))
-        wants_save = any(out[-3] > 0 for _, out in rows)
-        preempted = any(out[-2] > 0 for _, out in rows)
-        self._pending = []
-        self._tick = self.clock()
-        return Synced(records, wants_save, preempted)
+        self._steps, self._rows, self._times = [], [], []
+        self._window_start = self.clock()
+        return Synced(records, out[-3] > 0, out[-2] > 0)
 
-    def _record(self, p: _Step, out: list[float]) -> Record:
-        return p.step, {k: out[j] / self.world for j, k in enumerate(self.keys)}, p.time
-
-    def agreed(self, timeout: float, poll: float = 0.005) -> Agreed:
-        """The buffered steps whose agreement completed, oldest first, waiting at most ``timeout``
-        seconds in all; never raises. For a snapshot after a peer failed: a step that some rank
-        never shared stops the list there."""
-        deadline = time.monotonic() + timeout
+    def agreed(self, peers: Callable[[int], dict[int, tuple[float, ...]]], rank: int) -> Agreed:
+        """The buffered steps' records as the next sync point would have made them, from this rank's
+        values and the other ranks' ledgers (``peers(r)``: rank ``r``'s values by step). For a
+        snapshot after a peer was lost; stops at the first step some rank never wrote."""
+        if self.ledger is None and self.world > 1:
+            return Agreed([], not self._steps, self._steps[0] if self._steps else None)
+        others = {r: peers(r) for r in range(self.world) if r != rank}
         out: list[Record] = []
-        for p in self._pending:
-            if p.work is not None:
-                while not p.work.is_completed() and time.monotonic() < deadline:
-                    time.sleep(poll)
-                try:
-                    if not p.work.is_completed():
-                        return Agreed(out, False, p.step)
-                    p.work.wait()
-                except Exception:  # the agreement failed: the dead rank never sent its values
-                    return Agreed(out, False, p.step)
-            out.append(self._record(p, p.vec.tolist()))
+        for s, row, t in zip(self._steps, self._rows, self._times, strict=True):
+            rows = [row if r == rank else others[r].get(s) for r in range(self.world)]
+            if any(v is None or len(v) != len(self.keys) for v in rows):
+                return Agreed(out, False, s)
+            totals = [0.0] * len(self.keys)
+            for values in rows:  # rank order, as a sync point adds them
+                totals = [a + float(b) for a, b in zip(totals, values, strict=True)]
+            out.append((s, {k: totals[j] / self.world for j, k in enumerate(self.keys)}, t))
         return Agreed(out, True)
 
     @property
     def buffered(self) -> list[int]:
         """Steps added since the last sync point."""
-        return [p.step for p in self._pending]
+        return list(self._steps)
+
+
+def _rank_ordered_sum(parts: torch.Tensor) -> list[float]:
+    """``parts[0] + parts[1] + ...`` element by element, in rank order."""
+    total = parts[0].clone()
+    for part in parts[1:]:
+        total.add_(part)
+    return total.tolist()
 
 
 def settle_steps(progress: Progress, records: list[Record], steps_per_epoch: int) -> list[dict[str, Any]]:

@@ -50,7 +50,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
-from agent_cluster import Cluster, signal_proc, step_times, steps_done  # noqa: E402
+from agent_cluster import Cluster, failure_cost, reported_step, signal_proc, step_times  # noqa: E402
 from helpers import PY, RUN, checkpoint_tensors, child_env, config_path, run, tail, train_cmd  # noqa: E402
 
 from launcher import events  # noqa: E402
@@ -99,17 +99,6 @@ def _equal(x, y) -> bool:
     if isinstance(x, torch.Tensor):
         return isinstance(y, torch.Tensor) and torch.equal(x, y)
     return x == y
-
-
-def reported_step(run_dir: Path) -> int:
-    """The highest step any rank reported to its agent (``ftrun/progress``, at most 0.5 s old)."""
-    best = 0
-    for path in (run_dir / "ftrun" / "progress").glob("rank*.json"):
-        try:
-            best = max(best, int(json.loads(path.read_text())["step"]))
-        except (OSError, ValueError, KeyError):
-            continue
-    return max(best, steps_done(run_dir))
 
 
 class StruckJob:
@@ -166,20 +155,6 @@ class StruckJob:
         return False
 
 
-def outcome(run_dir: Path, t: float, seen: int, failure: str) -> dict:
-    """What one failure cost: from the survivors' snapshot events and the next worker start."""
-    evs = events.read(run_dir)
-    start = next((e for e in evs if e["kind"] == "worker_start" and e["time"] > t), None)
-    snaps = [e for e in evs if e["kind"] == "snapshot" and t - 1 <= e["time"] <= (start or {}).get("time", 1e18)]
-    held = max((e["step"] for e in snaps if isinstance(e.get("step"), int)), default=None)
-    if failure == "all" or held is None:
-        held = seen  # nobody survived to say: the last step reported (up to 0.5 s before the kill)
-    resumed = start["step"] if start else None
-    notes = sorted({e["note"] for e in snaps if not e.get("checkpoint")} - {""})
-    return {"held": held, "seen": seen, "resumed": resumed, "lost": None if resumed is None else held - resumed,
-            "snapshot": bool(start and start.get("snapshot")), "why_not": notes}
-
-
 def run_case(case: str, args, root: Path, rng: random.Random) -> dict:
     trainer, workers, failure = case.split(":")
     workers = int(workers)
@@ -198,7 +173,7 @@ def run_case(case: str, args, root: Path, rng: random.Random) -> dict:
                 break  # the run is (nearly) over: no room for another trial
             t, seen = job.strike(rng)
             ok = job.recovered(t, args.timeout)
-            trials.append({"case": case, "time": t, "recovered": ok, **outcome(job.run_dir, t, seen, failure)})
+            trials.append({"case": case, "time": t, "recovered": ok, **failure_cost(job.run_dir, t, seen)})
             row = trials[-1]
             print(f"  {case:26s} trial {len(trials)}: held step {row['held']}, resumed from {row['resumed']} "
                   f"({'snapshot' if row['snapshot'] else 'periodic checkpoint'}), lost {row['lost']}"
@@ -227,7 +202,7 @@ def window(args, root: Path) -> dict:
     first = run(train_cmd("encoder", run_dir, 2, extra), root / "window.log", timeout=args.timeout * 4, env=env)
     second = run(train_cmd("encoder", run_dir, 2, extra), root / "window-2.log", timeout=args.timeout * 4)
     t = next(e["time"] for e in events.read(run_dir) if e["kind"] == "snapshot")
-    row = {"case": "window", "time": t, "recovered": second == 0 and first != 0, **outcome(run_dir, t - 1, 0, "")}
+    row = {"case": "window", "time": t, "recovered": second == 0 and first != 0, **failure_cost(run_dir, t - 1, 0)}
     result = compare(ref_dir, run_dir, 48)
     print(f"  window: held step {row['held']}, resumed from {row['resumed']} "
           f"({'snapshot' if row['snapshot'] else 'periodic checkpoint'}); {'; '.join(row['why_not'])}; "

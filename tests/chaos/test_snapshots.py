@@ -34,7 +34,7 @@ from launcher.metrics import read_records
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(300)]
 
 STEPS, INTERVAL = 60, 20
-WINDOW = "metrics did not reach every rank"  # the one documented reason for no snapshot here
+WINDOW = "metrics were not written by every rank"  # the one documented reason for no snapshot here
 KEYS = ("model", "optim", "lr_schedule", "lr_control", "task_scheduler", "moving_avg_reward")
 
 

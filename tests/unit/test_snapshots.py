@@ -100,9 +100,9 @@ def test_no_snapshot_when_a_steps_metrics_never_reached_every_rank(tmp_path, mon
     with session(tmp_path) as ft:
         ft.register(model=model, optim=opt)
         take_steps(ft, model, opt, ft.resume(total_steps=10), 3)
-        monkeypatch.setattr(ft._steps, "agreed", lambda timeout: Agreed([], False, 3))
+        monkeypatch.setattr(ft._steps, "agreed", lambda peers, rank: Agreed([], False, 3))
         outcome = snapshot.after_peer_lost(ft)
-        assert not outcome.written and "step 3's metrics did not reach every rank" in outcome.note
+        assert not outcome.written and "step 3's metrics were not written by every rank" in outcome.note
     assert layout.scan(tmp_path / "checkpoints") == []
 
 

@@ -1,5 +1,5 @@
 """The lean step loop's bookkeeping (``launcher/steps.py``): when the ranks agree, what they record,
-and which records a survivor holds after a peer was lost."""
+and what a survivor rebuilds from the other ranks' step ledgers."""
 
 from __future__ import annotations
 
@@ -21,33 +21,22 @@ def others(x: float) -> tuple[float, float]:
     return (1.0, -x) if abs(x) >= 1e15 else (x, x)
 
 
-def ring_sum():
-    """A fake all-reduce over 3 ranks whose order of addition depends on where a value sits.
-
-    As in a ring all-reduce, element ``i`` of an ``n``-element vector is summed starting at rank
-    ``3 * i // n``. For a large value ``x`` of rank 0, ranks 1 and 2 hold ``1.0`` and ``-x``, so
-    the order decides whether the 1.0 survives: a metric that moved to another position (or a
-    vector of another length) would be recorded differently. Small values (times, flags) are
-    held by every rank.
-    """
-    def reduce(vec: torch.Tensor) -> None:
-        n = len(vec)
-        out = []
-        for i, x in enumerate(vec.tolist()):
-            vals = [x, *others(x)]
-            start = 3 * i // n
-            total = 0.0
-            for r in range(3):
-                total += vals[(start + r) % 3]
-            out.append(total)
-        vec.copy_(torch.tensor(out, dtype=torch.float64))
-    return reduce
+def three_ranks(vec: torch.Tensor) -> torch.Tensor:
+    """A fake all-gather over 3 ranks. For a large value ``x`` of rank 0, ranks 1 and 2 hold ``1.0``
+    and ``-x``: summed in rank order the 1.0 is lost, in another order it survives, so a sum whose
+    order depended on where a value sits (or on the sync points) would show."""
+    def other(v: float, r: int) -> float:
+        if abs(v) < 1e15:
+            return v
+        return 1.0 if r == 1 else -v
+    rows = [vec.tolist()] + [[other(v, r) for v in vec.tolist()] for r in (1, 2)]
+    return torch.tensor(rows, dtype=torch.float64)
 
 
 def run(step_seconds: float, steps: int = 23, interval: int = 10) -> tuple[list, list[int]]:
     """Records and sync points of ``steps`` steps of rank 0, each taking ``step_seconds``."""
     clock = Clock()
-    log = StepLog(3, interval, ring_sum(), sync_seconds=1.0, clock=clock)
+    log = StepLog(3, interval, three_ranks, sync_seconds=1.0, clock=clock)
     log.start(0)
     records, syncs = [], []
     for n in range(1, steps + 1):
@@ -55,7 +44,7 @@ def run(step_seconds: float, steps: int = 23, interval: int = 10) -> tuple[list,
         log.add(n, {"loss": 1e16 * n, "lr": torch.tensor(0.5)}, now=clock.now)
         if log.due(n):
             syncs.append(n)
-            records += log.sync(n).records
+            records += log.sync(n, wants_save=False, preempted=False).records
     return records, syncs
 
 
@@ -80,16 +69,12 @@ def test_recorded_values_do_not_depend_on_the_sync_points():
 
 def test_flags_of_any_rank_reach_every_rank():
     clock = Clock()
-    def two_ranks(vec):  # two ranks holding the same values; summed at once
-        vec.mul_(2)
-
-    log = StepLog(2, 10, two_ranks, clock=clock)
+    log = StepLog(2, 10, lambda vec: torch.stack([vec, vec]), clock=clock)  # two ranks holding the same values
     log.start(0)
     log.add(1, {"loss": 1.0}, now=0.0)
-    log.add(2, {"loss": 3.0}, now=1.0, wants_save=True)  # any step of the window
-    synced = log.sync(2)
+    synced = log.sync(1, wants_save=True, preempted=False)
     assert synced.wants_save and not synced.preempted
-    assert synced.records == [(1, {"loss": 1.0}, 0.0), (2, {"loss": 3.0}, 1.0)]
+    assert synced.records == [(1, {"loss": 1.0}, 0.0)]
 
 
 def test_metric_names_must_stay_the_same_and_be_numbers():
@@ -99,65 +84,36 @@ def test_metric_names_must_stay_the_same_and_be_numbers():
     log.add(2, {"lr": 0.1, "loss": 2.0}, now=0.0)  # another order is fine
     with pytest.raises(ValueError, match="metric names changed from loss, lr to loss"):
         log.add(3, {"loss": 1.0}, now=0.0)
+    log.add(3, {"loss": torch.ones(3), "lr": 0.1}, now=0.0)
     with pytest.raises(ValueError, match=r"loss=\.\.\.\) at step 3: .* got a tensor of 3 values"):
-        log.add(3, {"loss": torch.ones(3), "lr": 0.1}, now=0.0)
+        log.sync(3, wants_save=False, preempted=False)
     with pytest.raises(ValueError, match="set by the loop itself"):
         StepLog(1, 10).add(1, {"loss": 1.0, "epoch": 2}, now=0.0)
+    text = StepLog(1, 10)
+    text.add(1, {"loss": "low"}, now=0.0)
     with pytest.raises(ValueError, match="got str"):
-        StepLog(1, 10).add(1, {"loss": "low"}, now=0.0)
+        text.sync(1, wants_save=False, preempted=False)
 
 
-class Work:
-    """A fake agreement in flight: completes when told, or fails (its peer is gone)."""
-
-    def __init__(self):
-        self.done, self.error = False, None
-
-    def is_completed(self) -> bool:
-        return self.done
-
-    def wait(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-
-def test_a_survivor_holds_the_records_whose_agreement_completed():
-    """After a peer is lost: the steps every rank shared, oldest first, up to the first that one never sent."""
-    works: list[Work] = []
-
-    def reduce(vec):
-        works.append(Work())
-        return works[-1]
-
-    log = StepLog(2, 10, reduce)
-    log.start(0)
+def test_a_survivor_rebuilds_the_steps_since_the_sync_point_from_the_ledgers(tmp_path):
+    """The records a survivor rebuilds equal, bit for bit, what the next sync point would have recorded."""
+    from launcher.steps import StepLedger
+    token = "attempt-1"
+    logs = [StepLog(3, 10, three_ranks, ledger=StepLedger(tmp_path, r, token)) for r in range(3)]
+    loss = {0: lambda n: 1e16 * n, 1: lambda n: 1.0, 2: lambda n: -1e16 * n}  # as three_ranks fakes them
+    for log in logs:
+        log.start(0)
     for n in (1, 2, 3):
-        log.add(n, {"loss": float(n)}, now=float(n))
-    assert log.buffered == [1, 2, 3]
-    works[0].done = works[1].done = True
-    works[2].done, works[2].error = True, RuntimeError("Connection reset by peer")
-    agreed = log.agreed(timeout=0.05)
-    assert not agreed.complete and agreed.missing == 3
-    assert [s for s, _, _ in agreed.records] == [1, 2]
-    works[2].error = None  # this survivor did get every rank's values of step 3
-    assert log.agreed(timeout=0.05).complete
-    works.append(Work())
-    log.add(4, {"loss": 4.0}, now=4.0)  # never completes: the dead rank did not reach it
-    late = log.agreed(timeout=0.05)
+        for r, log in enumerate(logs):
+            log.add(n, {"loss": loss[r](n), "lr": torch.tensor(0.5)}, now=float(n))
+    peers = lambda r: StepLedger.read(tmp_path, r, token, 2)  # noqa: E731
+    rebuilt = logs[2].agreed(peers, rank=2)  # its own values first would keep a 1.0 rank order loses
+    assert rebuilt.complete and [s for s, _, _ in rebuilt.records] == [1, 2, 3]
+    synced = logs[0].sync(3, wants_save=False, preempted=False).records  # rank 0's view of the same steps
+    assert [r for _, r, _ in rebuilt.records] == [r for _, r, _ in synced]
+    assert StepLedger.read(tmp_path, 2, "another attempt", 2) == {}, "a stale ledger is not read"
+    with open(tmp_path / "rank2.bin", "ab") as f:  # rank 2 dies half-way through writing step 4
+        f.write(b"\x04\x00\x00")
+    logs[1].add(4, {"loss": 4.0, "lr": 0.5}, now=4.0)
+    late = logs[1].agreed(peers, rank=1)
     assert not late.complete and late.missing == 4 and len(late.records) == 3
-
-
-def test_a_failed_agreement_raises_at_the_sync_point_and_keeps_the_buffer():
-    works: list[Work] = []
-
-    def reduce(vec):
-        works.append(Work())
-        works[-1].done, works[-1].error = True, RuntimeError("Connection reset by peer")
-        return works[-1]
-
-    log = StepLog(2, 10, reduce)
-    log.start(0)
-    log.add(1, {"loss": 1.0}, now=1.0)
-    with pytest.raises(RuntimeError, match="reset by peer"):
-        log.sync(1)
-    assert log.buffered == [1], "a snapshot still sees what was not agreed"
