@@ -218,9 +218,10 @@ class FaultTolerant:
 
     def _gather(self, vec: torch.Tensor) -> torch.Tensor:
         """Every rank's copy of ``vec`` (the loop's agreement at sync points, on the gloo control group)."""
-        out = vec.new_empty((self.world_size, vec.numel()))
-        dist.all_gather_into_tensor(out, vec, group=self.ctx.control_group)
-        return out
+        out = vec.new_empty(self.world_size * vec.numel())
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the name of torch < 2.13
+        gather(out, vec, group=self.ctx.control_group)
+        return out.view(self.world_size, vec.numel())
 
     def _open_ledger(self) -> None:
         """This rank's step ledger (``launcher/steps.py``): with peers, and values on the CPU only."""
