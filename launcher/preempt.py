@@ -101,6 +101,17 @@ def is_peer_failure(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and any(p in str(error) for p in GLOO_PEER_ERRORS)
 
 
+def end_if_peer_failed(error: BaseException, world_size: int, flag: PreemptionFlag) -> None:
+    """From an ``except`` clause, before any clean-up: end this worker at once if ``error`` is a
+    collective that failed because a peer is gone (:func:`teardown`); else return, and the caller
+    re-raises."""
+    if world_size > 1 and is_peer_failure(error):
+        text = str(error).strip()
+        first_line = text.splitlines()[0] if text else type(error).__name__
+        teardown(f"a collective failed, another rank is gone ({first_line})",
+                 signum=TEARDOWN_SIGNAL if flag.signum == TEARDOWN_SIGNAL else None)
+
+
 def teardown(reason: str, signum: int | None = None) -> NoReturn:
     """End this worker now: its group is being torn down after a peer failed.
 

@@ -23,7 +23,7 @@ from launcher.config import RunConfig, diff_configs, flatten
 from launcher.heartbeat import Heartbeat
 from launcher.metrics import MetricsLog
 from launcher.observe import Observer
-from launcher.preempt import TEARDOWN_SIGNAL, PreemptionFlag, is_peer_failure, teardown
+from launcher.preempt import PreemptionFlag, end_if_peer_failed
 from trainers import resolve_trainer
 from trainers.protocol import TrainContext
 
@@ -61,7 +61,6 @@ class RunOptions:
 def run(cfg: RunConfig, opts: RunOptions, preempt: PreemptionFlag | None = None) -> int:
     """Train ``cfg`` in ``opts.run_dir`` on this process's share of the job; return the exit code."""
     env = cluster_env.detect()
-    preempt = preempt or PreemptionFlag()
     ctx = ldist.init(env)
     opts.run_dir.mkdir(parents=True, exist_ok=True)
     logs.setup(ctx.rank, opts.log_level, opts.run_dir)
@@ -73,12 +72,6 @@ def run(cfg: RunConfig, opts: RunOptions, preempt: PreemptionFlag | None = None)
     except CheckpointError as e:
         log.error("%s", e)
         return exit_codes.CHECKPOINT_ERROR
-    except RuntimeError as e:
-        if not (ctx.world_size > 1 and is_peer_failure(e)):
-            raise
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        signum = TEARDOWN_SIGNAL if preempt.signum == TEARDOWN_SIGNAL else None
-        teardown(f"a collective failed, another rank is gone ({first_line})", signum=signum)
     finally:
         ldist.shutdown()
 
@@ -128,6 +121,10 @@ class Job:
             self._write_config()
             self._record_start(path, info)
             return self._loop()
+        except RuntimeError as e:
+            # A peer is gone: end now, before the clean-up below, which could wait for it.
+            end_if_peer_failed(e, self.ctx.world_size, self.preempt)
+            raise
         finally:
             self.manager.close()
             self.metrics.close()

@@ -119,3 +119,17 @@ def test_peer_failures_are_told_from_bugs(error, expected):
 def test_distributed_errors_are_peer_failures():
     import torch.distributed as dist
     assert is_peer_failure(dist.DistNetworkError("store gone"))
+
+
+def test_a_failed_collective_ends_the_worker_at_once_and_a_bug_does_not():
+    code = (f"import sys, logging; sys.path.insert(0, {str(REPO)!r}); logging.basicConfig()\n"
+            "from launcher.preempt import PreemptionFlag, end_if_peer_failed\n"
+            "end_if_peer_failed(ValueError('a bug'), 2, PreemptionFlag())\n"
+            "print('a bug: returned', flush=True)\n"
+            "end_if_peer_failed(RuntimeError('[pair.cc:534] Connection closed by peer [127.0.0.1]:1'), 2, "
+            "PreemptionFlag())\n"
+            "print('still running', flush=True)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1, out.stderr
+    assert out.stdout.strip() == "a bug: returned"
+    assert "Ending this worker at once: a collective failed" in out.stderr
