@@ -341,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench(cell, args, root)
         if args.out:
             args.out.write_text(json.dumps(rows, indent=1))
+    if not args.keep:
+        shutil.rmtree(root, ignore_errors=True)
     print(f"\nRecovery, {args.trials} trial(s) per cell (timeout {args.timeout:.0f} s), "
           f"logs in {root}{'' if args.keep else ' (removed; --keep keeps them)'}:\n")
     print(table(rows, args.trials))
