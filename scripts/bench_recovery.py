@@ -233,7 +233,8 @@ def trial(job: Job) -> dict:
             "after_replacement_s": rec - (t_rep - t) if rec is not None and t_rep else None,
             "failed_attempts": max(restarts - 1, 0),  # unrecovered: those that failed within the timeout
             "sigkill_waits": sum(txt.count(SIGKILL_AFTER_TERM) for txt in texts.values()),
-            "steps_lost": before - resumed if before is not None and resumed is not None else None}
+            "steps_lost": before - resumed if before is not None and resumed is not None else None,
+            "planned": job.args.trials}
 
 
 def bench(cell: Cell, args, root: Path) -> list[dict]:
@@ -291,7 +292,8 @@ def table(rows: list[dict], trials: int) -> str:
         rep = [r["after_replacement_s"] for r in sel if r["after_replacement_s"] is not None]
         lost = [r["steps_lost"] for r in sel if r["steps_lost"] is not None]
         med, mx = _fmt(ok)
-        skipped = f" ({trials - len(sel)} not run: gave up)" if len(sel) < trials else ""
+        planned = first.get("planned", trials)
+        skipped = f" ({planned - len(sel)} not run: gave up)" if len(sel) < planned else ""
         out.append(f"| {first['rdzv']} | {first['nodes']}x{first['workers']} | {first['failure']} "
                    f"| {first['launcher']} | {len(sel)}{skipped} | {len(ok)} | {med} / {mx} "
                    f"| {_fmt(rep)[0] if rep else '-'} "
@@ -339,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench(cell, args, root)
         if args.out:
             args.out.write_text(json.dumps(rows, indent=1))
+    if not args.keep:
+        shutil.rmtree(root, ignore_errors=True)
     print(f"\nRecovery, {args.trials} trial(s) per cell (timeout {args.timeout:.0f} s), "
           f"logs in {root}{'' if args.keep else ' (removed; --keep keeps them)'}:\n")
     print(table(rows, args.trials))

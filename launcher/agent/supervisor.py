@@ -57,10 +57,6 @@ def launch_once(config: LaunchConfig, entrypoint, args: list[str], options: Agen
                                   min_nodes=config.min_nodes, max_nodes=config.max_nodes,
                                   local_addr=config.local_addr, **config.rdzv_configs)
     master_addr, master_port = _get_addr_and_port(params)
-    rdzv_handler = rdzv_registry.get_rendezvous_handler(params)
-    if isinstance(rdzv_handler, StaticTCPRendezvous):
-        # A fresh worker store per round (launcher/agent/static.py); its address comes from the round.
-        rdzv_handler, master_addr, master_port = FreshStoreStatic(rdzv_handler), None, None
     os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = config.signals_to_handle
     # By default torch's workers keep using rank 0's agent store across restarts, and a
     # restarted gloo group reads its dead predecessors' addresses from it ("Gloo
@@ -69,6 +65,9 @@ def launch_once(config: LaunchConfig, entrypoint, args: list[str], options: Agen
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     with rendezvous_store_on_endpoint():  # an IP or localhost endpoint: the store listens there only
         rdzv_handler = rdzv_registry.get_rendezvous_handler(params)
+    if isinstance(rdzv_handler, StaticTCPRendezvous):
+        # A fresh worker store per round (launcher/agent/static.py); its address comes from the round.
+        rdzv_handler, master_addr, master_port = FreshStoreStatic(rdzv_handler), None, None
     spec = WorkerSpec(role=config.role, local_world_size=config.nproc_per_node, entrypoint=entrypoint,
                       args=tuple(args), rdzv_handler=rdzv_handler,
                       max_restarts=config.max_restarts, monitor_interval=config.monitor_interval,

@@ -87,7 +87,7 @@ def test_static_rendezvous_2_nodes_x_2_workers_ftrun_one_restart_bit_exact(tmp_p
         c.close()
     for name in c.nodes:
         text = c.log(name).read_text(errors="replace")
-        assert text.count("ftrun: restarting workers") == 1, f"{name}: one restart per failure\n{c.tails()}"
+        assert text.count("restarting the job from its latest") == 1, f"{name}: one restart per failure\n{c.tails()}"
         assert "forcefully exiting via" not in text and "connectFullMesh failed" not in text, c.tails()
     assert_bit_equal(final(run_dir), reference_w4)
 
@@ -108,5 +108,8 @@ def test_stock_torchrun_3_workers_survivors_end_at_once_one_restart_bit_exact(tm
         stop(proc)
     text = log.read_text(errors="replace")
     assert_one_clean_restart(text, tail(log, 80))
-    assert "Ending this worker at once" in text, "the survivors should end on the failed collective"
+    # The survivors end on the failed collective: one line each on the console, the detail in their logs.
+    assert "Lost contact with the rest of the job" in text, "the survivors should end on the failed collective"
+    rank_logs = " ".join(p.read_text(errors="replace") for p in (run_dir / "logs").glob("rank*.log"))
+    assert "Ending this worker at once" in rank_logs
     assert_bit_equal(final(run_dir), reference_w3)

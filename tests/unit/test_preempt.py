@@ -120,3 +120,19 @@ def test_peer_failures_are_told_from_bugs(error, expected):
 def test_distributed_errors_are_peer_failures():
     import torch.distributed as dist
     assert is_peer_failure(dist.DistNetworkError("store gone"))
+
+
+def test_a_failed_collective_ends_the_worker_at_once_and_a_bug_does_not():
+    """What FaultTolerant does with an error leaving its block: a peer failure ends the process at
+    once (exit 1, no clean-up that could wait for the dead peer); anything else is raised as usual."""
+    code = (f"import sys, logging; sys.path.insert(0, {str(REPO)!r}); logging.basicConfig()\n"
+            "from launcher.endings import is_peer_failure\n"
+            "from launcher.preempt import teardown\n"
+            "for error in (ValueError('a bug'), RuntimeError('[pair.cc:534] Connection closed by peer [::1]:1')):\n"
+            "    if is_peer_failure(error):\n"
+            "        teardown('a collective failed')\n"
+            "    print(type(error).__name__, 'returned', flush=True)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1, out.stderr
+    assert out.stdout.strip() == "ValueError returned"
+    assert "Ending this worker at once: a collective failed" in out.stderr
