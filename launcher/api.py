@@ -705,8 +705,8 @@ class FaultTolerant:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc is not None and endings.is_peer_failure(exc):
-            self._peer_lost(exc)  # does not return
+        if exc is not None and endings.is_peer_failure(exc) and not endings.interrupt_received():
+            self._peer_lost(exc)  # does not return; after Ctrl-C the interrupt's own ending applies
         self.close(failed=exc_type is not None)
         return False
 

@@ -41,6 +41,18 @@ PEER_MARKERS = ("connection reset by peer", "connection closed by peer", "broken
 DIST_ERRORS = frozenset({"DistError", "DistNetworkError", "DistStoreError", "DistBackendError"})
 
 
+_ctrl_c_seen = False  # set by an installed InterruptFlag; read by interrupt_received()
+
+
+def interrupt_received() -> bool:
+    """Whether this process got Ctrl-C (through an installed :class:`InterruptFlag`).
+
+    A collective that fails after it is the job being interrupted, not a lost peer: no snapshot,
+    and the interrupt's own one line ends the run.
+    """
+    return _ctrl_c_seen
+
+
 class InterruptFlag:
     """Ctrl-C: remembers that SIGINT arrived, then raises ``KeyboardInterrupt`` as Python's own handler does.
 
@@ -72,6 +84,8 @@ class InterruptFlag:
             return
         self._first = self._first if self._first is not None else now
         self.count += 1
+        global _ctrl_c_seen
+        _ctrl_c_seen = True
         raise KeyboardInterrupt
 
 
