@@ -42,6 +42,7 @@ import logging
 import signal
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -53,8 +54,9 @@ import yaml
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from launcher import dist as ldist
-from launcher import endings, epochs, events, exit_codes, fileio, logs, observers, rng
+from launcher import endings, epochs, events, exit_codes, fileio, logs, observers, rng, snapshot
 from launcher import env as cluster_env
+from launcher.checkpoint import faults
 from launcher.checkpoint.files import CheckpointError
 from launcher.checkpoint.manager import CheckpointManager
 from launcher.checkpoint.record import CheckpointRecord, read_record
@@ -66,9 +68,11 @@ from launcher.observe import Observer
 from launcher.preempt import TEARDOWN_SIGNAL, PreemptionFlag, teardown
 from launcher.startup import init_source, lock_run_dir, together
 from launcher.state import RegistrationError, StateRegistry, check_fits
-from launcher.steps import Progress, StepLog
+from launcher.steps import Progress, StepLedger, StepLog, settle_evaluation, settle_steps
 
 log = logging.getLogger("launcher")
+
+LEDGER_DIR = "steps"  # RUN_DIR/steps/rank<N>.bin: each rank's values of each step (launcher/steps.py)
 
 __all__ = ["CheckpointError", "FaultTolerant", "RegistrationError", "UsageError", "run_main"]
 
@@ -139,7 +143,11 @@ class FaultTolerant:
         self._resumed = False
         self._first_step = 0  # the step this attempt started from
         self._clean = False  # no saved state touched since the last step boundary
+        self._closing: snapshot.Closing | None = None  # what end_step still records for its boundary
+        self._last_window: list[dict[str, Any]] = []  # the records of the last sync point (rank 0 may lack them)
         self._internal = False  # our own state_dict calls (their optimizer steps are not the user's)
+        self._failpoint = faults.active()  # a testing aid: none outside tests
+        self._ledger_token = ""  # the attempt's step ledgers (launcher/steps.py)
         self._started = time.time()
         self._stack = contextlib.ExitStack()
         try:
@@ -197,8 +205,7 @@ class FaultTolerant:
         self.metrics = MetricsLog(self.run_dir, enabled=ctx.is_main)
         self._stack.callback(self.metrics.close)
         self.heartbeat = Heartbeat(ctx.env.agent_progress_file, ctx.rank)
-        reduce = (lambda vec: dist.all_reduce(vec, group=ctx.control_group)) if ctx.world_size > 1 else None
-        self._steps = StepLog(ctx.world_size, self.log_interval, reduce)
+        self._steps = StepLog(ctx.world_size, self.log_interval, self._gather if ctx.world_size > 1 else None)
         self._early_stop = EarlyStopping(self.manager.best_metric, self.manager.best_mode, *self._early_stop_args)
         self.manager.prepare()
         self.checkpoint = self.manager.resolve(resume)
@@ -208,6 +215,33 @@ class FaultTolerant:
             self.init_source = init_source(self.init_from, ctx)
         elif self.init_from is not None:
             log.info("--init-from %s: not used, this run already has a checkpoint to resume from", self.init_from)
+
+    def _gather(self, vec: torch.Tensor) -> torch.Tensor:
+        """Every rank's copy of ``vec`` (the loop's agreement at sync points, on the gloo control group)."""
+        out = vec.new_empty(self.world_size * vec.numel())
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the name of torch < 2.13
+        gather(out, vec, group=self.ctx.control_group)
+        return out.view(self.world_size, vec.numel())
+
+    def _open_ledger(self) -> None:
+        """This rank's step ledger (``launcher/steps.py``): with peers, and values on the CPU only."""
+        ctx = self.ctx
+        if ctx.world_size == 1 or ctx.device.type != "cpu":
+            return
+        box = [uuid.uuid4().hex if ctx.is_main else None]  # the attempt's token, the same on every rank
+        dist.broadcast_object_list(box, src=0, group=ctx.control_group)
+        self._ledger_token = box[0]
+        try:
+            ledger = StepLedger(self.run_dir / LEDGER_DIR, self.rank, box[0])
+        except OSError as e:  # the run goes on; a snapshot after a lost peer cannot be exact, and is not written
+            log.warning("Cannot keep the step ledger in %s: %s", self.run_dir / LEDGER_DIR, fileio.describe_os_error(e))
+            return
+        self._stack.callback(ledger.close)
+        self._steps.ledger = ledger
+
+    def _peer_steps(self, rank: int) -> dict[int, tuple[float, ...]]:
+        """Rank ``rank``'s values by step from its ledger (for a snapshot)."""
+        return StepLedger.read(self.run_dir / LEDGER_DIR, rank, self._ledger_token, len(self._steps.keys))
 
     def _together(self, step: Callable[[], Any]) -> Any:
         return together(step, self.ctx)
@@ -333,13 +367,17 @@ class FaultTolerant:
             log.info("Starting fresh in %s (no checkpoint found)", self.run_dir)
         self._start_logs()
         # Metrics past the resume step (or of an attempt that died before its first checkpoint)
-        # are not part of this run.
-        dropped = self._together(lambda: self.metrics.truncate_after(self.progress.step))
+        # are not part of this run; those a snapshot carries (agreed, but maybe never written) are.
+        carried, self.progress.unwritten = self.progress.unwritten, []
+        dropped, added = self._together(lambda: self.metrics.restore(self.progress.step, carried))
         if dropped:
             log.info("Dropped %d metrics record(s) logged after step %d", dropped, self.progress.step)
+        if added:
+            log.info("Wrote %d metrics record(s) up to step %d that the snapshot carried", added, self.progress.step)
         self._together(lambda: (self._write_config(), self._record_start()))
         self._first_step = self.progress.step
         self._started = time.time()
+        self._open_ledger()
         self._steps.start(self.progress.step)
         self.observer.on_start(self.run_dir, self.progress.step, total_steps, resumed=bool(self.progress.resumed_at))
         self.preempt.training()  # from here on SIGTERM is a preemption (launcher/preempt.py)
@@ -371,28 +409,19 @@ class FaultTolerant:
     def _load(self, path: Path, info: CheckpointRecord) -> None:
         with self._ours():
             template = self.state.template(self.weights_only)
-        saved = CheckpointManager.saved_shapes(path)
-        check_fits(path, template, saved)
-        own = f"rank{self.rank}"
-        has_rng = any(k.startswith(f"rng.{own}.") for k in saved)
-        request = {**template, "progress": ""}
-        if has_rng:
-            request["rng"] = {own: rng.capture()}
+        check_fits(path, template, CheckpointManager.saved_shapes(path))
+        # No RNG state is loaded: random draws are per-step streams (launcher/rng.py); the
+        # per-rank states older checkpoints hold (rng.rank<N>) are left unread.
         log.info("Resuming from checkpoint: %s", path)
-        loaded = self.manager.load(path, request)
+        loaded = self.manager.load(path, {**template, "progress": ""})
         step = info.step
         with self._ours():
             self.state.load(loaded, self.weights_only, step)
         self.progress = Progress.from_json(loaded["progress"])
-        if has_rng:
-            rng.restore(loaded["rng"][own])
-        else:
-            log.warning("Checkpoint has no RNG state for rank %d (saved at world size %s): this rank keeps "
-                        "its fresh seed", self.rank, info.world_size)
         self.progress.resumed_at.append(step)
         self.manager.mark_saved(step)
-        log.info("Resumed at step %d (%s; checkpoint %s); %d epoch record(s) restored; target %d steps", step,
-                 epochs.describe(step, self.steps_per_epoch), path.name, len(self.progress.history),
+        log.info("Resumed at step %d (%s; checkpoint %s, %s); %d epoch record(s) restored; target %d steps", step,
+                 epochs.describe(step, self.steps_per_epoch), path.name, _origin(info), len(self.progress.history),
                  self.total_steps)
         if self.weights_only:
             log.info("--reset-optimizer: weights loaded; optimizer and lr schedule start fresh at step %d", step)
@@ -425,6 +454,7 @@ class FaultTolerant:
         if self.is_main:
             events.append(self.run_dir, "worker_start", step=self.progress.step,
                           checkpoint=self.checkpoint.name if self.checkpoint else None,
+                          snapshot=bool(self.record and self.record.snapshot_rank is not None),
                           world_size=self.world_size, restart_count=env.restart_count,
                           slurm_restart_count=env.requeue_count, job_id=env.job_id,
                           launched=psutil.Process().create_time())
@@ -437,16 +467,18 @@ class FaultTolerant:
 
     # ------------------------------------------------------------------ the step
 
-    def end_step(self, step: int, evals: Mapping[str, float] | None = None, milestone: str | None = None,
-                 **metrics: Any) -> bool:
+    def end_step(self, step: int, evals: Mapping[str, float] | Callable[[], Mapping[str, float]] | None = None,
+                 milestone: str | None = None, **metrics: Any) -> bool:
         """Close step ``step``; return True when the loop must stop (finished, stopped early, or preempted).
 
         Args:
             step: the 0-based index of the step just taken (the one given to ``batch_indices``).
-            evals: evaluation metrics of this step (same on every rank), e.g. ``{"val_loss": 0.3}``.
-                Epoch ends and steps with ``evals`` get an evaluation record; the checkpoint
-                written there records them, which names the best checkpoint (and, with
-                ``early_stop_patience``, counts toward early stopping).
+            evals: evaluation metrics of this step (same on every rank), e.g. ``{"val_loss": 0.3}``,
+                or a function that computes them (called here, once the step's record is under
+                way: a peer lost during the evaluation then still finds the step complete, and a
+                snapshot of it can be written). Epoch ends and steps with ``evals`` get an
+                evaluation record; the checkpoint written there records them, which names the
+                best checkpoint (and, with ``early_stop_patience``, counts toward early stopping).
             milestone: a label (e.g. "end of stage 1"): a checkpoint of this step is written and
                 kept by retention for good.
             **metrics: this rank's ``loss`` (required) and any others, as numbers or one-element
@@ -460,28 +492,31 @@ class FaultTolerant:
             raise UsageError("end_step(step, loss=...): the step's loss is required (it makes the epoch's "
                              "train_loss); add any other metrics as keywords")
         n = step + 1
-        self._steps.add(n, metrics, time.time())
         self.progress.step = n
+        self._clean = True  # the step is over: from here on the state is boundary n's (launcher/snapshot.py)
+        self._steps.add(n, metrics, time.time())
         epoch_end = n % self.steps_per_epoch == 0
         final = n >= self.total_steps
+        if callable(evals):
+            with self.activity("evaluating"):
+                evals = evals()
+        scores = _numbers(evals, "evals") if evals is not None else None
         due = self.manager.due(n, epoch_end, final, False, milestone=milestone is not None)
+        self._closing = snapshot.Closing(n, (scores or {}) if epoch_end or scores is not None else None, due, milestone)
         alone = self.world_size == 1 and (self.preempt.raised or self.manager.local_wants_save())
-        if not self._steps.due(n, forced=epoch_end or final or evals is not None or due is not None or alone):
+        if not self._steps.due(n, forced=epoch_end or final or scores is not None or due is not None or alone):
             self._boundary()
             return False
         synced = self._steps.sync(n, self.manager.local_wants_save(), self.preempt.raised)
         loss = self._publish(synced.records)
-        scores = _numbers(evals or {}, "evals")
-        if epoch_end or evals is not None:
-            self._evaluation_record(n, scores, epoch_end)
-            if scores:
-                self._early_stop.observe(self.progress.early_stop, scores, n)
+        if self._closing.evals is not None:
+            self._evaluation_record(n, self._closing.evals, epoch_end)
         stopping = self._early_stop.stopped(self.progress.early_stop)
         final = final or stopping
         reason = ("preemption" if synced.preempted else "early stop" if stopping
                   else self.manager.due(n, epoch_end, final, synced.wants_save, milestone=milestone is not None))
         if reason:
-            self._save(reason, loss, scores, blocking=synced.preempted or final, milestone=milestone)
+            self._save(reason, loss, scores or {}, blocking=synced.preempted or final, milestone=milestone)
         if synced.preempted or final:
             self._end("preempted" if synced.preempted else "stopped early" if stopping else "finished")
             return True
@@ -501,16 +536,17 @@ class FaultTolerant:
                              f"step, in order, starting from what resume() returned")
 
     def _boundary(self) -> None:
+        """The next step begins: its random draws come from its own streams (nothing to save)."""
+        rng.seed_step(self.seed, self.progress.step, self.rank)
         self.heartbeat.report(self.progress.step, "training")
         self._clean = True
+        if self._failpoint is not None:  # tests only (launcher/checkpoint/faults.py)
+            faults.hit("step_start", self.progress.step, self.rank, self._failpoint)
 
     def _publish(self, synced: list[tuple[int, dict[str, float], float]]) -> float:
         """Write the agreed step records; show the logged ones. Returns the last step's loss."""
-        p, spe = self.progress, self.steps_per_epoch
-        records = [{"step": s, "epoch": epochs.of_step(s, spe), **means, "time": t} for s, means, t in synced]
-        for record in records:
-            p.epoch_loss_sum += record["loss"]
-            p.epoch_loss_count += 1
+        records = settle_steps(self.progress, synced, self.steps_per_epoch)
+        self._last_window = list(records)
         self.metrics.write_many(records)
         start = self._first_step
         # Rank 0's observer prints progress itself (a bar, or lines with steps/s and ETA).
@@ -525,34 +561,39 @@ class FaultTolerant:
         return records[-1]["loss"]
 
     def _evaluation_record(self, n: int, evals: dict[str, float], epoch_end: bool) -> None:
-        p = self.progress
-        epoch = epochs.of_step(n, self.steps_per_epoch)
-        train_loss = p.epoch_loss_sum / max(p.epoch_loss_count, 1)
-        p.history.append({"epoch": epoch, "step": n, "train_loss": train_loss, **evals})
-        p.epoch_loss_sum, p.epoch_loss_count = 0.0, 0
-        record = {"step": n, "epoch": epoch, "train_loss": train_loss, **evals, "time": time.time()}
+        record = settle_evaluation(self.progress, n, evals, self.steps_per_epoch, time.time())
+        if evals:
+            self._early_stop.observe(self.progress.early_stop, evals, n)
+        self._closing.recorded = True
+        self._last_window.append(record)
         self.metrics.write_many([record])
         self.observer.on_eval(record)
         shown = " ".join(f"{k} {v:.5f}" for k, v in evals.items())
         if epoch_end:
-            log.info("epoch %d done at step %d: train_loss %.5f %s", epoch, n, train_loss, shown)
+            log.info("epoch %d done at step %d: train_loss %.5f %s", record["epoch"], n, record["train_loss"], shown)
         else:
-            log.info("evaluation at step %d (epoch %d): train_loss %.5f %s", n, epoch, train_loss, shown)
+            log.info("evaluation at step %d (epoch %d): train_loss %.5f %s", n, record["epoch"],
+                     record["train_loss"], shown)
 
-    def _save(self, reason: str, loss: float, evals: dict[str, float], blocking: bool,
-              milestone: str | None = None) -> None:
+    def _record_info(self, reason: str, loss: float | None, evals: dict[str, float],
+                     milestone: str | None) -> dict[str, Any]:
+        """The checkpoint record's fields this loop knows (the manager adds name, world size, run)."""
         p, spe = self.progress, self.steps_per_epoch
-        self.heartbeat.report(p.step, "saving")
-        with self._ours():
-            state = {**self.state.state(), "progress": p.to_json(), "rng": {f"rank{self.rank}": rng.capture()}}
-        info = {"step": p.step, "epoch": epochs.of_step(p.step, spe), "steps_per_epoch": spe, "loss": loss,
+        return {"step": p.step, "epoch": epochs.of_step(p.step, spe), "steps_per_epoch": spe, "loss": loss,
                 "metrics": evals, "config": self.config, "trainer": self.name, "reason": reason, "time": time.time(),
                 "history": p.history[-5:],
                 # The latest evaluation, so that a checkpoint between two evaluations says how good it is.
                 "last_eval": p.history[-1] if p.history else None,
                 "milestone": milestone,  # kept by retention
                 "init_from": p.init_from}
-        self.manager.save(p.step, state, info, blocking=blocking)
+
+    def _save(self, reason: str, loss: float, evals: dict[str, float], blocking: bool,
+              milestone: str | None = None) -> None:
+        p = self.progress
+        self.heartbeat.report(p.step, "saving")
+        with self._ours():
+            state = {**self.state.state(), "progress": p.to_json()}
+        self.manager.save(p.step, state, self._record_info(reason, loss, evals, milestone), blocking=blocking)
         self.observer.on_save(p.step, reason, self.manager.last_save_seconds)
         log.info("Checkpoint step_%08d (%s) %s in %.2f s", p.step, reason,
                  "queued" if self.manager.cfg.async_save and not blocking else "written",
@@ -572,14 +613,15 @@ class FaultTolerant:
         self.heartbeat.report(self.progress.step, name)
         yield
 
-    # ------------------------------------------------------------------ the snapshot seam (issue 11)
+    # ------------------------------------------------------------------ the step contract (snapshots)
 
     @property
     def clean_boundary(self) -> int | None:
         """The step boundary whose state this process still holds unchanged, or None.
 
-        True from the return of ``resume()``/``end_step()`` until an optimizer's ``step()`` or a
-        :meth:`mutating` call in the next step: a just-in-time snapshot taken then is exact.
+        From the start of ``end_step()`` (the step is over) or the return of ``resume()`` until
+        an optimizer's ``step()`` or a :meth:`mutating` call in the next step: a just-in-time
+        snapshot taken then is exact (``launcher/snapshot.py``).
         """
         return self.progress.step if self._clean and self._resumed and not self.status else None
 
@@ -589,6 +631,8 @@ class FaultTolerant:
 
     def _on_optimizer_step(self, optimizer, args, kwargs) -> None:
         if not self._internal:
+            if self._clean and self._failpoint is not None:
+                faults.hit("optimizer_step", self.progress.step, self.rank, self._failpoint)
             self._clean = False
 
     @contextlib.contextmanager
@@ -661,19 +705,22 @@ class FaultTolerant:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc is not None and endings.is_peer_failure(exc):
-            self._peer_lost(exc)  # does not return
+        if exc is not None and endings.is_peer_failure(exc) and not endings.interrupt_received():
+            self._peer_lost(exc)  # does not return; after Ctrl-C the interrupt's own ending applies
         self.close(failed=exc_type is not None)
         return False
 
     def _peer_lost(self, exc: BaseException) -> NoReturn:
-        """A collective failed because another rank or node is gone: say so in one line, end at once.
+        """A collective failed because another rank or node is gone: snapshot, say so in one line, end.
 
+        A survivor holding a clean step boundary writes it, alone, as a verified checkpoint
+        (``launcher/snapshot.py``); then the one-line report, and the process ends at once.
         Clean-up is skipped: it could block on the dead peer (an async save's collectives, the
-        process group's destruction). The latest verified checkpoint is the resume point
-        (``launcher/preempt.py``, ``docs/failures.md``).
+        process group's destruction). The resume point is the newest verified checkpoint or
+        snapshot (``launcher/preempt.py``, ``docs/failures.md``).
         """
-        endings.peer_lost(self.ctx.env, self.run_dir, self.step_reached, exc)
+        outcome = snapshot.after_peer_lost(self)
+        endings.peer_lost(self.ctx.env, self.run_dir, self.step_reached, exc, outcome.phrase())
         signum = TEARDOWN_SIGNAL if self.preempt.signum == TEARDOWN_SIGNAL else None
         teardown(f"a collective failed, another rank is gone ({endings.short_reason(exc)})", signum=signum)
 
@@ -703,3 +750,10 @@ def _numbers(values: Mapping[str, Any], what: str) -> dict[str, float]:
         except (TypeError, ValueError):
             raise UsageError(f"{what}[{k!r}] = {v!r}: expected a number") from None
     return out
+
+
+def _origin(info: CheckpointRecord) -> str:
+    """What wrote a checkpoint, for the resume lines: a periodic save, or a survivor's snapshot."""
+    if info.snapshot_rank is not None:
+        return f"a snapshot by rank {info.snapshot_rank} after a peer was lost ({info.reason})"
+    return info.reason or "a checkpoint"

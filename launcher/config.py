@@ -39,7 +39,7 @@ class TrainConfig:
 
     max_steps: int = 100  # total optimizer steps of the run (not of this attempt)
     epochs: int = 0  # if > 0, the run's length in epochs instead of max_steps
-    seed: int = 0  # seeds data order, model init and every rank's RNG
+    seed: int = 0  # seeds data order, model init and every rank's per-step random streams
     log_interval: int = 10  # progress (bar or line), TensorBoard point and agreement of the ranks every N steps
     eval_every_epoch: bool = True  # run the trainer's evaluation at each epoch end
     early_stop_patience: int = 0  # stop when the best metric has not improved for this many evaluations (0 = off)

@@ -15,9 +15,9 @@ On each node only local rank 0 prints the line; every rank writes it, with the t
 ``RUN_DIR/logs/rank<N>.log``. Anything else (a bug, bad data deep in a trainer) is not
 handled here and keeps its traceback.
 
-Seam for just-in-time snapshots (issue 11): a survivor of a failed collective is the process
-that will write a verified snapshot of its last clean step before it exits; :func:`peer_lost`
-is where it learns that it is one.
+A survivor of a failed collective first writes a verified snapshot of the step boundary it
+holds, when it can (``launcher/snapshot.py``); its one line says what became of it, and where
+the job resumes.
 """
 
 from __future__ import annotations
@@ -39,6 +39,18 @@ PEER_MARKERS = ("connection reset by peer", "connection closed by peer", "broken
                 "connectfullmesh", "nccl communicator was aborted", "ncclremoteerror", "ncclsystemerror")
 # torch's error classes for a failed collective or store operation (torch.distributed.DistError and kin).
 DIST_ERRORS = frozenset({"DistError", "DistNetworkError", "DistStoreError", "DistBackendError"})
+
+
+_ctrl_c_seen = False  # set by an installed InterruptFlag; read by interrupt_received()
+
+
+def interrupt_received() -> bool:
+    """Whether this process got Ctrl-C (through an installed :class:`InterruptFlag`).
+
+    A collective that fails after it is the job being interrupted, not a lost peer: no snapshot,
+    and the interrupt's own one line ends the run.
+    """
+    return _ctrl_c_seen
 
 
 class InterruptFlag:
@@ -72,6 +84,8 @@ class InterruptFlag:
             return
         self._first = self._first if self._first is not None else now
         self.count += 1
+        global _ctrl_c_seen
+        _ctrl_c_seen = True
         raise KeyboardInterrupt
 
 
@@ -138,8 +152,11 @@ def interrupted(env: ClusterEnv, run_dir: Path, step: int | None, flag: Interrup
     return exit_codes.INTERRUPTED
 
 
-def peer_lost(env: ClusterEnv, run_dir: Path, step: int | None, exc: BaseException) -> int:
-    """Report a failed collective (another process or node stopped) in one line; return exit code 1."""
+def peer_lost(env: ClusterEnv, run_dir: Path, step: int | None, exc: BaseException, snapshot: str = "") -> int:
+    """Report a failed collective (another process or node stopped) in one line; return exit code 1.
+
+    ``snapshot`` says what became of this rank's snapshot (``launcher/snapshot.py``), if it tried one.
+    """
     ckpt = latest_checkpoint_step(run_dir)
     where = f"at step {step}" if step is not None else "while starting"
     resume = f"the latest verified checkpoint (step {ckpt})" if ckpt is not None else "the start (no checkpoint yet)"
@@ -147,7 +164,8 @@ def peer_lost(env: ClusterEnv, run_dir: Path, step: int | None, exc: BaseExcepti
         then = f"the launcher restarts the job from {resume}"
     else:
         then = f"run the same command to resume from {resume}"
+    done = f"; {snapshot}" if snapshot else ""
     _say(env, run_dir, f"Lost contact with the rest of the job {where}: another process or node stopped "
-                       f"({short_reason(exc)}); {then}. Details: {logs.rank_log(run_dir, env.rank)}",
+                       f"({short_reason(exc)}){done}; {then}. Details: {logs.rank_log(run_dir, env.rank)}",
          exc, logging.ERROR)
     return 1

@@ -76,7 +76,8 @@ def mean_over_ranks(flat: torch.Tensor, group=None) -> torch.futures.Future:
         everyone = flat.new_empty(world * n)
         gathered = _all_gather(everyone, flat, group=group, async_op=True).get_future()
 
-        def sum_gathered(_):
+        def sum_gathered(fut):
+            fut.value()  # re-raises a failed gather (a lost peer): never sum a buffer it did not fill
             flat.copy_(_rank_ordered_sum(everyone.view(world, n)).div_(world))
             return flat
 
@@ -92,7 +93,8 @@ def mean_over_ranks(flat: torch.Tensor, group=None) -> torch.futures.Future:
     mine = _rank_ordered_sum(received.view(world, chunk)).div_(world)
     gathered = _all_gather(send, mine, group=group, async_op=True).get_future()
 
-    def copy_back(_):
+    def copy_back(fut):
+        fut.value()  # re-raises a failed gather
         flat.copy_(send[:n])
         return flat
 

@@ -1,7 +1,8 @@
 """``RUN_DIR/metrics.jsonl``: one JSON object per completed step (and per evaluation), rank 0 only.
 
 On resume, records past the checkpoint's step (written by the attempt that crashed) are
-dropped, so the file reads as one continuous run with no duplicate or backward steps.
+dropped, and the records a just-in-time snapshot carries that the file lacks are added, so the
+file reads as one continuous run with every step once and no backward steps.
 :func:`read_records` is the one reader (the plot, the summary, the agent's report, the tests):
 it skips a torn last line, written by a process killed mid-line.
 """
@@ -26,6 +27,11 @@ def _parse(line: str) -> dict[str, Any] | None:
         return None
     step = rec.get("step") if isinstance(rec, dict) else None
     return rec if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def _identity(record: dict[str, Any]) -> tuple[int, bool]:
+    """(step, is a step record): one step record and one evaluation record per step at most."""
+    return record["step"], "loss" in record
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -62,24 +68,33 @@ class MetricsLog:
         self.enabled = enabled
         self._f = None
 
-    def truncate_after(self, step: int) -> int:
-        """Drop records with ``step`` > ``step`` (and torn lines); return how many were dropped."""
+    def restore(self, step: int, carried: list[dict[str, Any]] = ()) -> tuple[int, int]:
+        """Make the file the run's history up to ``step``: drop records past it (and torn lines),
+        add the ``carried`` records it lacks (a snapshot's, which rank 0 may never have written).
+
+        A record is identified by its step and kind (a step's record, or an evaluation record),
+        so one already in the file is never written twice. Returns (dropped, added).
+        """
         if not self.enabled:
-            return 0
+            return 0, 0
         try:
             lines = _read_lines(self.path)
         except FileNotFoundError:
-            return 0
+            lines = []
         except OSError as e:
             raise _problem("read", self.path, e) from None
-        kept = [line for line in lines if (rec := _parse(line)) is not None and rec["step"] <= step]
+        kept = [(rec, line) for line in lines if (rec := _parse(line)) is not None and rec["step"] <= step]
         dropped = len([line for line in lines if line.strip()]) - len(kept)
-        if dropped:
+        have = {_identity(rec) for rec, _ in kept}
+        extra = [(r, json.dumps(r)) for r in carried if r.get("step", step + 1) <= step and _identity(r) not in have]
+        if extra:  # in step order, an evaluation record after its step's record
+            kept = sorted([*kept, *extra], key=lambda pair: (pair[0]["step"], "loss" not in pair[0]))
+        if dropped or extra:
             try:
-                fileio.atomic_write(self.path, "".join(f"{k}\n" for k in kept).encode())
+                fileio.atomic_write(self.path, "".join(f"{line}\n" for _, line in kept).encode())
             except OSError as e:
                 raise _problem("rewrite", self.path, e) from None
-        return dropped
+        return dropped, len(extra)
 
     def write(self, record: dict[str, Any]) -> None:
         self.write_many([record])

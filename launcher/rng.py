@@ -1,20 +1,20 @@
-"""Random numbers a resume can reproduce: the data order, per-step streams, saved RNG state.
-
-Three tools, from the strongest guarantee to the weakest:
+"""Random numbers a resume can reproduce: the data order and per-step streams. No saved state.
 
 * **The data order** (:func:`global_batch_indices`) is a pure function of the seed and the
   step: the global batch of step ``s`` is the same whatever happened before, and rank ``r``
   takes slice ``r`` of it, so a resumed run trains on exactly the samples an uninterrupted
   run would, at any world size.
 * **Per-step streams** (:func:`stream_seed`, :func:`step_generator`, :func:`seed_step`) are a
-  pure function of ``(seed, step, rank, stream)``: draws made from them need no saved state
-  at all, so a resume (or any surviving rank) restores them exactly, and a world-size change
-  gives well-defined streams.
-* **Saved per-rank state** (:func:`capture`, :func:`restore`): every rank's python, numpy and
-  torch generators are saved under its own key (``rng.rank<N>``) with each checkpoint, for
-  code that draws from the global generators without seeding them per step. DCP
-  de-duplicates equal keys across ranks, so one shared key would silently keep only one
-  rank's state. States are stored as tensors, so loading them unpickles nothing.
+  pure function of ``(seed, step, rank, stream)``. ``FaultTolerant`` seeds python's, numpy's and
+  torch's global generators with :func:`seed_step` at every step boundary, so every draw of a
+  step (dropout, masks, sampling) is one too, and trainers that want named streams take
+  :func:`step_generator`. Nothing random is saved in a checkpoint, so any rank's checkpoint
+  (a survivor's snapshot, ``launcher/snapshot.py``) restores every rank's draws exactly, and a
+  resume at another world size gives each rank well-defined streams: rank ``r`` at step ``s``
+  draws from ``(seed, s, r)`` whatever the world size before.
+
+Checkpoints written before this scheme hold each rank's generator states (``rng.rank<N>``);
+they are left unread.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import random
 from functools import lru_cache
-from typing import Any
 
 import numpy as np
 import torch
@@ -88,44 +87,18 @@ def seed_step(seed: int, step: int, rank: int) -> None:
     s = stream_seed(seed, step, rank, GLOBAL_STREAM)
     random.seed(s)
     np.random.seed(s % 2**32)
-    torch.manual_seed(s)  # also seeds every CUDA device
+    # The CPU generator and this process's CUDA device. Not torch.manual_seed: it also queues a
+    # seed for every CUDA device, recording a Python stack trace each time while CUDA is not
+    # initialised (about 0.1-1 ms, every step).
+    torch.default_generator.manual_seed(s)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.manual_seed(s)
 
 
-# ---------------------------------------------------------------------------- saved state
+# ---------------------------------------------------------------------------- set-up
 
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (CPU and CUDA) in this process."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def capture() -> dict[str, torch.Tensor]:
-    """This process's RNG states as a flat dict of tensors."""
-    version, py_state, gauss = random.getstate()
-    kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    out = {
-        "python": torch.tensor([version, *py_state], dtype=torch.int64),
-        "python_gauss": torch.tensor([0.0 if gauss is None else gauss, float(gauss is not None)],
-                                     dtype=torch.float64),
-        "numpy": torch.from_numpy(np_keys.astype(np.int64)),
-        "numpy_pos": torch.tensor([np_pos, np_has_gauss], dtype=torch.int64),
-        "numpy_gauss": torch.tensor([np_gauss], dtype=torch.float64),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        out["cuda"] = torch.cuda.get_rng_state()
-    return out
-
-
-def restore(state: dict[str, Any]) -> None:
-    """Set this process's RNG states from :func:`capture`'s output."""
-    py = state["python"].tolist()
-    gauss_value, has_gauss = state["python_gauss"].tolist()
-    random.setstate((py[0], tuple(py[1:]), gauss_value if has_gauss else None))
-    pos, has_np_gauss = state["numpy_pos"].tolist()
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), pos, has_np_gauss,
-                         float(state["numpy_gauss"][0])))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,8 +117,9 @@ class Job:
             if message:
                 ft.nothing_to_do(message)
                 return 0, 0
-        # Every generator of every rank starts from the seed, so a fresh attempt and a resumed
-        # one draw the same numbers (python's and numpy's are otherwise seeded from the OS).
+        # The trainer's set-up draws the same numbers in every attempt (python's and numpy's
+        # generators are otherwise seeded from the OS); each step's draws come from the step's
+        # own streams, seeded by FaultTolerant at every step boundary (launcher/rng.py).
         rng.seed_everything(cfg.train.seed * 1000 + ft.rank)
         self.trainer = resolve_trainer(cfg.trainer)()
         self.trainer.setup(TrainContext(config=cfg, rank=ft.rank, world_size=ft.world_size, device=ft.device,
@@ -132,11 +134,12 @@ class Job:
     def step(self, step: int) -> bool:
         """Take step ``step`` (0-based); True when the run must stop."""
         out = self.trainer.train_step(step)
-        return self.ft.end_step(step, evals=self._evaluate(step + 1), milestone=self.milestones.get(step + 1), **out)
+        return self.ft.end_step(step, evals=self._evaluation(step + 1), milestone=self.milestones.get(step + 1),
+                                **out)
 
-    def _evaluate(self, done: int) -> dict[str, float] | None:
-        """The trainer's evaluation at each epoch end (``train.eval_every_epoch``)."""
+    def _evaluation(self, done: int) -> Callable[[], dict[str, float]] | None:
+        """The trainer's evaluation at each epoch end (``train.eval_every_epoch``), for ``end_step`` to
+        run once the step's record is under way (a peer lost during it then finds the step complete)."""
         if done % self.steps_per_epoch or not self.cfg.train.eval_every_epoch:
             return None
-        with self.ft.activity("evaluating"):
-            return self.trainer.evaluate()
+        return self.trainer.evaluate

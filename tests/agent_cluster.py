@@ -54,6 +54,7 @@ class Cluster:
     nproc: int = 1
     node_ranks: dict[str, int] = field(default_factory=dict)
     monitor_interval: float | None = 0.5  # None: the launcher's default (0.1 s)
+    env: dict[str, str] = field(default_factory=dict)  # extra environment of every agent
 
     def command(self, node_rank: int = 0) -> list[str]:
         module = "launcher" if self.launcher == "ftrun" else "torch.distributed.run"
@@ -74,7 +75,7 @@ class Cluster:
 
     def start_node(self, name: str, node_rank: int = 0) -> subprocess.Popen:
         """Start one node's agent (``node_rank`` matters for static rendezvous only)."""
-        proc = start(self.command(node_rank), self.log(name), child_env())
+        proc = start(self.command(node_rank), self.log(name), child_env(**self.env))
         self.nodes[name] = proc
         self.node_ranks[name] = node_rank
         return proc
@@ -195,3 +196,33 @@ def first_step_after(run_dir: Path, t: float, timeout: float) -> float | None:
 def signal_proc(proc: psutil.Process, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(proc.pid, sig)
+
+
+def reported_step(run_dir: Path) -> int:
+    """The highest step any rank reported to its agent (``ftrun/progress``, at most 0.5 s old) or
+    rank 0 logged (``metrics.jsonl``, written at the loop's sync points)."""
+    best = 0
+    for path in (Path(run_dir) / "ftrun" / "progress").glob("rank*.json"):
+        try:
+            best = max(best, int(json.loads(path.read_text())["step"]))
+        except (OSError, ValueError, KeyError):
+            continue
+    return max(best, steps_done(run_dir))
+
+
+def failure_cost(run_dir: Path, t: float, seen: int) -> dict:
+    """What the failure struck at ``t`` cost, from ``events.jsonl``: the step the survivors held (their
+    ``snapshot`` events; ``seen``, the last step reported before it, when none survived), the step
+    the next attempt resumed from, steps lost (held - resumed), whether it resumed from a snapshot,
+    and why the survivors wrote none (if they did not)."""
+    from launcher import events
+    evs = events.read(run_dir)
+    start = next((e for e in evs if e["kind"] == "worker_start" and e["time"] > t), None)
+    end = start["time"] if start else float("inf")
+    snaps = [e for e in evs if e["kind"] == "snapshot" and t - 1 <= e["time"] <= end]
+    held = max((e["step"] for e in snaps if isinstance(e.get("step"), int)), default=seen)
+    resumed = start["step"] if start else None
+    first = next((ts for _, ts in step_times(run_dir) if start and ts > start["time"]), None)
+    return {"held": held, "seen": seen, "resumed": resumed, "lost": None if resumed is None else held - resumed,
+            "snapshot": bool(start and start.get("snapshot")), "recovery_s": None if first is None else first - t,
+            "why_not": sorted({e["note"] for e in snaps if not e.get("checkpoint")} - {""})}

@@ -16,6 +16,10 @@ What changes, and why:
   sends the survivors SIGTERM (a teardown request, see ``launcher/preempt.py``); ftrun bounds
   that wait to ``AgentOptions.teardown_grace`` (5 s) instead of 30 s, so a worker that cannot
   end at once (one blocked in an NCCL collective with the dead peer) costs seconds, not 30.
+* Survivors of a failure may be writing a just-in-time snapshot of the step they hold
+  (``launcher/snapshot.py``; they say so in their progress report). Before any stop, ftrun
+  waits for those, up to ``AgentOptions.snapshot_grace`` (``--snapshot-grace``, 60 s), and
+  records the wait (``snapshot_wait`` in ``events.jsonl``); the others are not waited for.
 * A hung group is inspected without being disturbed (:mod:`.hang`): a stopped process is
   reported as stopped and never continued. Before acting on the decision, the workers' real
   exit states are read again: a group whose workers all finished meanwhile is a success.
@@ -41,7 +45,7 @@ from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElas
 
 from launcher.agent import console, hang
 from launcher.agent.policy import Action, Decision, Observation, PolicyConfig, RestartPolicy, Seen
-from launcher.agent.progress import ProgressMonitor
+from launcher.agent.progress import ProgressMonitor, wait_for_survivors
 from launcher.agent.report import Recorder
 
 log = logging.getLogger("ftrun")
@@ -62,6 +66,7 @@ class AgentOptions:
     stop_timeout: int = 10  # seconds to wait for killed workers to be reaped
     stack_dump_wait: float = 0.5  # seconds to let faulthandler write a running hung worker's stacks
     teardown_grace: int = 5  # after a worker failed: seconds the survivors get to end on SIGTERM, then SIGKILL
+    snapshot_grace: float = 60.0  # ... or, while one writes a snapshot of its step, up to this many seconds
 
 
 class FtAgent(LocalElasticAgent):
@@ -169,7 +174,8 @@ class FtAgent(LocalElasticAgent):
         self._hung, self._hang_states = {}, {}
 
     def _bound_teardown(self) -> None:
-        """Shorten torch's wait for survivors after a worker failed from 30 s to ``teardown_grace``.
+        """Shorten torch's wait for survivors after a worker failed from 30 s to ``teardown_grace``,
+        or up to ``snapshot_grace`` while one writes a snapshot.
 
         torch's process context closes itself when it sees a failed worker, with ``close()`` and
         no arguments: SIGTERM, then SIGKILL after 30 s. Explicit calls (``_stop_workers``, the
@@ -178,12 +184,36 @@ class FtAgent(LocalElasticAgent):
         pcontext = self._pcontext
         if pcontext is None:
             return
-        close, grace = pcontext.close, self.options.teardown_grace
+        close = pcontext.close
 
         def bounded_close(death_sig=None, timeout: int = 30) -> None:
-            close(death_sig, min(timeout, grace) if death_sig is None else timeout)
+            if death_sig is None:
+                self._let_survivors_end(pcontext, signal.SIGTERM)
+                timeout = 1  # what is left now gets torch's SIGTERM, then SIGKILL
+            close(death_sig, timeout)
 
         pcontext.close = bounded_close
+
+    def _let_survivors_end(self, pcontext, sig: int | None) -> None:
+        """Send ``sig`` (if any) to the live workers and wait for them to end: ``teardown_grace``
+        seconds with ``sig`` (none without), up to ``snapshot_grace`` while one writes a snapshot."""
+        try:
+            pids = dict(pcontext.pids())
+        except (AssertionError, AttributeError):  # not started
+            return
+        ranks = {w.id: w.global_rank for w in self._worker_group.workers if w.id is not None}
+        live = {pid for pid in pids.values() if not hang.read_state(pid).gone}
+        for pid in live if sig is not None else ():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        wait = wait_for_survivors(
+            lambda: {ranks.get(pid, -1) for pid in pids.values() if not hang.read_state(pid).gone},
+            self.progress.snapshotting, self.options.teardown_grace if sig is not None else 0.0,
+            self.options.snapshot_grace)
+        if wait.snapshotting:
+            self.recorder.snapshot_wait(sorted(wait.snapshotting), wait.seconds, sorted(wait.left))
+            line = console.snapshot_wait_line(sorted(wait.snapshotting), wait.seconds, sorted(wait.left))
+            (log.warning if wait.left else log.info)("ftrun: %s", line)
 
     def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
         result = super()._monitor_workers(worker_group)
@@ -222,6 +252,8 @@ class FtAgent(LocalElasticAgent):
             worker_env[PROGRESS_ENV] = self.options.progress_template
 
     def _stop_workers(self, worker_group: WorkerGroup) -> None:
+        if self._pcontext is not None:  # a survivor of a failure may still be writing its snapshot
+            self._let_survivors_end(self._pcontext, None)
         self._shutdown(signal.SIGKILL, timeout=self.options.stop_timeout)
 
     # ------------------------------------------------------------------ hangs

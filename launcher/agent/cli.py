@@ -12,6 +12,8 @@ How it differs from torchrun (details in ``docs/agent.md``):
   exponential back-off and a crash-loop guard; exit codes 2, 3 and 75 are not restarted;
 * a rank with no progress for ``--hang-timeout`` seconds is a failure: stacks are dumped, then
   the group restarts;
+* the survivors of a failure that write a snapshot of the step they hold get up to
+  ``--snapshot-grace`` seconds before they are stopped (the next attempt resumes from it);
 * c10d rendezvous defaults tuned for failure: dead nodes are dropped after ~3 s
   (``keep_alive_interval=1``) and a smaller group forms 2 s after the minimum is reached
   (``last_call_timeout=2``); each round gets a fresh worker store (no stale keys);
@@ -86,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start workers by forking a server that has already imported torch (torchrun's "
                         "--run-path with --start-method=forkserver), so a restart skips the import: seconds "
                         "each. Default: on for a .py script run with python, off otherwise")
+    g.add_argument("--snapshot-grace", type=float, default=60.0,
+                   help="after a worker failed: seconds a surviving worker that writes a snapshot of the step it "
+                        "holds may take before it is stopped (default 60; others get 5 s to end)")
     g.add_argument("--store-reforms", type=int, default=3,
                    help="times this node's supervisor may start a new agent after losing the rendezvous store "
                         "(default 3; 0: die like torchrun)")
@@ -140,6 +145,8 @@ def options_from_args(args: argparse.Namespace, cmd_args: list[str]):
         problems.append(f"--hang-timeout must be > 0 seconds, got {args.hang_timeout}")
     if args.long_activity_factor < 1:
         problems.append(f"--long-activity-factor must be >= 1, got {args.long_activity_factor}")
+    if args.snapshot_grace < 0:
+        problems.append(f"--snapshot-grace must be >= 0 seconds, got {args.snapshot_grace}")
     if args.store_reforms < 0:
         problems.append(f"--store-reforms must be >= 0, got {args.store_reforms}")
     try:
@@ -155,6 +162,7 @@ def options_from_args(args: argparse.Namespace, cmd_args: list[str]):
     return AgentOptions(run_dir=run_dir, script=args.training_script,
                         progress_template=str(progress_dir / "rank{rank}.json"),
                         hang_timeout=args.hang_timeout, long_activity_factor=args.long_activity_factor,
+                        snapshot_grace=args.snapshot_grace,
                         policy=policy)
 
 

@@ -130,3 +130,12 @@ def membership_line(before: dict[str, int], after: dict[str, int]) -> str | None
 def store_lost_line(endpoint: str, reform: int, allowed: int) -> str:
     return (f"the rendezvous at {endpoint} stopped answering (the node hosting it left); re-forming the job "
             f"with a new rendezvous (attempt {reform} of {allowed}, --store-reforms)")
+
+
+def snapshot_wait_line(ranks: list[int], seconds: float, killed: list[int]) -> str:
+    """The agent waited for survivors writing a snapshot of their step (``launcher/snapshot.py``)."""
+    who = f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
+    line = f"waited {seconds:.1f} s for {who} to write a snapshot of the step they hold"
+    if killed:
+        line += f"; rank{'s' if len(killed) > 1 else ''} {', '.join(map(str, killed))} still running: stopped now"
+    return line

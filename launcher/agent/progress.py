@@ -26,6 +26,7 @@ from pathlib import Path
 from launcher import fileio
 
 LONG_ACTIVITIES = frozenset({"saving", "evaluating", "starting"})
+SNAPSHOT = "snapshot"  # a survivor of a lost peer writing its step boundary (launcher/snapshot.py)
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,15 @@ class ProgressMonitor:
                             f"at step {step} (allowed {allowance:.0f} s)"
         return out
 
+    def snapshotting(self) -> set[int]:
+        """Ranks of the current workers whose latest report says they are writing a snapshot."""
+        out = set()
+        for rank, st in self._ranks.items():
+            rep = self.reader(self.path(rank))
+            if rep is not None and rep.pid == st.pid and rep.activity == SNAPSHOT:
+                out.add(rank)
+        return out
+
     def reported_pids(self) -> set[int]:
         """Process ids of the current workers that have reported at least once."""
         return {st.pid for st in self._ranks.values() if st.first is not None}
@@ -140,3 +150,27 @@ class ProgressMonitor:
         times = [st.first_progress_time for st in self._ranks.values() if st.first_progress_time is not None]
         return min(times) if times else None
 
+
+@dataclass(frozen=True)
+class SurvivorWait:
+    """How the agent's wait for the survivors of a failure ended."""
+
+    snapshotting: frozenset[int]  # ranks seen writing a snapshot
+    seconds: float
+    left: frozenset[int]  # ranks still running when the wait ended (the caller kills them)
+
+
+def wait_for_survivors(alive: Callable[[], set[int]], snapshotting: Callable[[], set[int]], grace: float,
+                       snapshot_grace: float, clock: Callable[[], float] = time.monotonic,
+                       sleep: Callable[[float], None] = time.sleep, poll: float = 0.05) -> SurvivorWait:
+    """Wait until the live workers have exited: at most ``grace`` seconds, or up to ``snapshot_grace``
+    while one of them reports that it writes a snapshot. Pure timing logic (fakes in tests)."""
+    start, seen = clock(), set()
+    while True:
+        live = alive()
+        now = snapshotting() & live
+        seen |= now
+        waited = clock() - start
+        if not live or waited >= snapshot_grace or (not now and waited >= grace):
+            return SurvivorWait(frozenset(seen), waited, frozenset(live))
+        sleep(poll)

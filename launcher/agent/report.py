@@ -7,6 +7,8 @@ Events written here (all through :func:`launcher.events.append`, one JSON line e
 ``restart``   restart_count, reason, delay (back-off), counts (spends budget or not)
 ``recovered`` failure_time, failure_kind, resumed_from, steps_lost, recovery_seconds (from the
               failure to the first step completed after it), restart_count
+``snapshot_wait`` ranks, seconds, killed: survivors of a failure were writing a snapshot of their
+              step (``launcher/snapshot.py``); the agent waited before stopping them
 ``agent_start`` pid: this agent started (the run's wall time starts at the first one)
 ``agent_stop`` reason, exit_code
 ``store_lost`` / ``reform`` (the per-node supervisor, :mod:`launcher.agent.cli`)
@@ -29,6 +31,8 @@ from typing import Any
 from launcher import events, goodput, runfiles
 from launcher import metrics as metrics_log
 from launcher.agent.progress import ProgressMonitor
+
+SURVIVOR_SLACK = 10.0  # seconds before the agent saw a failure in which survivors may have reported it
 
 
 @dataclass
@@ -64,12 +68,17 @@ class Recorder:
             events.append(self.run_dir, kind, **{k: v for k, v in record.items() if k != "kind"})
         return record
 
-    def last_step(self, monitor: ProgressMonitor | None) -> int | None:
-        """The last step completed so far: rank 0's metrics if readable, else the progress reports."""
+    def last_step(self, monitor: ProgressMonitor | None, since: float | None = None) -> int | None:
+        """The last step completed so far: the highest of rank 0's metrics (written at the loop's sync
+        points, so up to a second behind), this node's progress reports and, with ``since``, the
+        steps the survivors of a failure held (their ``snapshot`` events since then)."""
         steps = [r["step"] for r in self._metrics() if "loss" in r]
-        if steps:
-            return max(steps)
-        return monitor.last_step if monitor else None
+        if monitor is not None and monitor.last_step is not None:
+            steps.append(monitor.last_step)
+        if since is not None and self.run_dir is not None:
+            steps += [e["step"] for e in events.read(self.run_dir) if e.get("kind") == "snapshot"
+                      and isinstance(e.get("step"), int) and e.get("time", 0) >= since]
+        return max(steps) if steps else None
 
     def failure(self, kind: str, monitor: ProgressMonitor, restart_count: int, **fields: Any) -> None:
         last = self.last_step(monitor)
@@ -91,7 +100,7 @@ class Recorder:
         if self.pending is None:
             return
         self.pending.stopped = self.clock()
-        last = self.last_step(monitor)
+        last = self.last_step(monitor, since=self.pending.time - SURVIVOR_SLACK)
         if last is not None and (self.pending.last_step is None or last > self.pending.last_step):
             self.pending.last_step = last
 
@@ -115,6 +124,10 @@ class Recorder:
         rec = self._append("store_lost", last_step=last, **fields)
         if self.pending is None:
             self.pending = _Pending(rec["time"], "store_lost", last)
+
+    def snapshot_wait(self, ranks: list[int], seconds: float, killed: list[int]) -> None:
+        """The agent waited for survivors writing a snapshot before stopping them."""
+        self._append("snapshot_wait", ranks=ranks, seconds=round(seconds, 3), killed=killed)
 
     def agent_started(self) -> None:
         self._append("agent_start", pid=os.getpid())

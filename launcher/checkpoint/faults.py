@@ -1,4 +1,4 @@
-"""Failpoints: a testing aid that kills the process at a named instant of a checkpoint save.
+"""Failpoints: a testing aid that kills the process at a named instant of a checkpoint save or a step.
 
 Set ``FTLAUNCH_FAILPOINT=POINT[:STEP[:RANK]]`` and the process SIGKILLs itself when a save
 reaches ``POINT`` (only for the save of ``STEP`` and only on ``RANK``, when given). SIGKILL
@@ -17,6 +17,19 @@ Points, in the order a save reaches them:
 ``after_meta``      rank 0: ``meta.json`` names ``step_N``; retention has not run
 ==================  ========================================================================
 
+And two instants of the training loop (``STEP``: the steps completed when it is reached), for
+the just-in-time snapshots of the survivors (``launcher/snapshot.py``):
+
+==================  ========================================================================
+``step_start``      a step begins (``resume()`` or ``end_step()`` returned): the other ranks
+                    meet the loss in the step's first collective, at a clean boundary
+``optimizer_step``  inside the step's first optimizer ``step()``, after its collectives: the
+                    other ranks finish the step, but this one never shares its metrics
+==================  ========================================================================
+
+With ``FTLAUNCH_FAILPOINT_ONCE=PATH`` a failpoint fires once: it creates ``PATH`` before the
+kill and never fires while ``PATH`` exists (the restarted workers of an agent keep the variable).
+
 Never set it outside tests: it exists to lose work on purpose.
 """
 
@@ -27,7 +40,9 @@ import signal
 from dataclasses import dataclass
 
 ENV = "FTLAUNCH_FAILPOINT"
-POINTS = ("mid_shard", "after_dcp_save", "after_manifest", "after_rename", "after_meta")
+ONCE_ENV = "FTLAUNCH_FAILPOINT_ONCE"
+POINTS = ("mid_shard", "after_dcp_save", "after_manifest", "after_rename", "after_meta", "step_start",
+          "optimizer_step")
 
 
 @dataclass(frozen=True)
@@ -59,10 +74,16 @@ def active() -> Failpoint | None:
     return parse(os.environ.get(ENV, ""))
 
 
-def hit(point: str, step: int, rank: int) -> None:
-    """SIGKILL this process if the failpoint in the environment names this instant."""
-    fp = active()
+def hit(point: str, step: int, rank: int, fp: Failpoint | None = None) -> None:
+    """SIGKILL this process if the failpoint in the environment (or ``fp``) names this instant."""
+    fp = fp or active()
     if fp is not None and fp.matches(point, step, rank):
+        once = os.environ.get(ONCE_ENV)
+        if once:
+            try:
+                os.close(os.open(once, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            except FileExistsError:
+                return  # fired before
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -22,6 +22,7 @@ what :func:`plan_retention` selects (:func:`set_aside`) and deletes it (:func:`d
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import re
@@ -33,7 +34,7 @@ from pathlib import Path
 
 from launcher import exit_codes, fileio
 from launcher.checkpoint import digest, files, meta
-from launcher.checkpoint.record import CheckpointRecord, RecordError, read_record
+from launcher.checkpoint.record import SNAPSHOT, CheckpointRecord, RecordError, read_record
 
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
@@ -208,6 +209,7 @@ class Entry:
     step: int
     verified: bool
     milestone: str | None = None
+    snapshot: bool = False  # a just-in-time snapshot at a step where no checkpoint was due
 
 
 def plan_retention(entries: list[Entry], newest: str, keep_last: int, keep_every: int = 0,
@@ -220,7 +222,9 @@ def plan_retention(entries: list[Entry], newest: str, keep_last: int, keep_every
     first of ``keep_last``); one that does not verify never counts and is deleted, so a
     verified checkpoint is never deleted while an unverifiable one is kept. The best, every
     milestone (a ``milestone`` label in its ``checkpoint.json``) and every ``keep_every``-th step
-    are always kept.
+    are always kept. A snapshot a survivor wrote at a step where no checkpoint was due
+    (``snapshot``) is a resume point only: it neither counts toward ``keep_last`` nor stays once
+    a newer checkpoint verifies.
     """
     newest_step = step_of(newest)
     if newest_step is None:
@@ -229,7 +233,7 @@ def plan_retention(entries: list[Entry], newest: str, keep_last: int, keep_every
     for e in sorted(entries, key=lambda e: e.step, reverse=True):
         if e.step >= newest_step:
             continue
-        if e.verified and counted < keep_last:
+        if e.verified and counted < keep_last and not e.snapshot:
             counted += 1
             continue
         if e.name == best or e.milestone is not None or (keep_every and e.step % keep_every == 0):
@@ -276,7 +280,8 @@ def _entry(path: Path, step: int, known: bool | None, deep: bool, expected: str 
             record = read_record(path)
         except RecordError:
             record = None
-    return Entry(path.name, step, known if v is None else v.ok, record.milestone if record else None)
+    return Entry(path.name, step, known if v is None else v.ok, record.milestone if record else None,
+                 snapshot=record is not None and record.reason == SNAPSHOT)
 
 
 def next_best(root: Path, old: meta.Best | None, name: str, record: CheckpointRecord, metric: str,
@@ -341,6 +346,26 @@ def install(root: Path, tmp: Path, name: str, durable: bool = True) -> Path:
     if durable:
         fileio.fsync_path(root)
     return final
+
+
+def install_new(root: Path, tmp: Path, name: str) -> bool:
+    """Rename a sealed ``tmp`` into place as ``root/name`` unless a checkpoint is there; True if it was.
+
+    For a snapshot, which several survivors of one failure may write at once, each into its own
+    ``tmp``: a rename never replaces a non-empty directory, so exactly one of them lands, and
+    the others are told so and remove their copies.
+    """
+    final = root / name
+    if os.path.lexists(final):
+        return False
+    try:
+        tmp.rename(final)
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            return False
+        raise
+    fileio.fsync_path(root)
+    return True
 
 
 def publish(root: Path, name: str, record: CheckpointRecord, world_size: int, best: meta.Best | None,

@@ -45,7 +45,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from launcher import exit_codes, fileio
-from launcher.checkpoint import dcp_io, digest, faults, files, layout, meta
+from launcher.checkpoint import alone, dcp_io, digest, faults, files, layout, meta
 from launcher.checkpoint.files import CheckpointError
 from launcher.checkpoint.record import CheckpointRecord, RecordError, encode
 from launcher.checkpoint.staging import Stager, assign_owners, tensor_signatures
@@ -294,6 +294,21 @@ class CheckpointManager:
         else:
             self._write(name, state, record)
         self.last_save_seconds = time.perf_counter() - started
+
+    def save_alone(self, step: int, state: dict[str, Any], info: dict[str, Any]) -> alone.Written:
+        """Write a snapshot of ``state`` after ``step`` steps by this process alone (no collective: a
+        peer is lost), verified like every checkpoint; published if no other survivor's landed
+        first (:mod:`launcher.checkpoint.alone`). ``info`` as for :meth:`save`.
+
+        Raises:
+            RecordError: ``info`` does not fit the schema.
+            CheckpointError: the write failed; nothing was published.
+        """
+        name = layout.checkpoint_name(step)
+        record = CheckpointRecord.from_json({**info, "step": step, "name": name, "world_size": self.world_size,
+                                             "run_id": self.run_id or layout.new_run_id(), "snapshot_rank": self.rank},
+                                            source=f"the record of snapshot {name}")
+        return alone.write(self.root, state, record, self.scheme, self.rank, (self.best_metric, self.best_mode))
 
     def wait(self) -> None:
         """Block until the in-flight background save (if any) is written and published."""

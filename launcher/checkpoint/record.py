@@ -68,7 +68,12 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "change": (_optional(lambda v: isinstance(v, str)), "a string or null"),
     "last_eval": (_optional(lambda v: isinstance(v, dict)), "an object or null"),
     "init_from": (_optional(lambda v: isinstance(v, str)), "a string or null"),
+    "snapshot_rank": (_optional(lambda v: _int(v, 0)), "an integer >= 0 or null"),
 }
+
+#: ``reason`` of a snapshot taken at a step where no checkpoint was due: retention keeps it only
+#: until a newer checkpoint is verified (``layout.plan_retention``).
+SNAPSHOT = "snapshot"
 
 
 @dataclass
@@ -93,6 +98,7 @@ class CheckpointRecord:
     change: str | None = None  # what such a tool changed
     last_eval: dict[str, Any] | None = None  # the latest evaluation's record, also between evaluations
     init_from: str | None = None  # staged training: the other run's checkpoint this run started from
+    snapshot_rank: int | None = None  # written alone by this rank after a peer was lost (launcher/snapshot.py)
     format: int = FORMAT
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as written
 

@@ -42,7 +42,6 @@ def test_world_size_changes_keep_the_global_batch_of_every_step(tmp_path):
         log = tmp_path / f"w{nproc}.log"
         assert train(run_dir, nproc, steps, log) == 0, tail(log)
     assert "Resumed at step 8" in (tmp_path / "w2.log").read_text()
-    assert "has no RNG state for rank 2" in (tmp_path / "w3.log").read_text()  # grown: rank 2 is new
 
     seen: dict[int, dict[int, list[int]]] = defaultdict(dict)  # step -> rank -> indices
     worlds: dict[int, set[int]] = defaultdict(set)

@@ -1,4 +1,5 @@
-"""The lean step loop's bookkeeping (``launcher/steps.py``): when the ranks agree, and what they record."""
+"""The lean step loop's bookkeeping (``launcher/steps.py``): when the ranks agree, what they record,
+and what a survivor rebuilds from the other ranks' step ledgers."""
 
 from __future__ import annotations
 
@@ -20,33 +21,22 @@ def others(x: float) -> tuple[float, float]:
     return (1.0, -x) if abs(x) >= 1e15 else (x, x)
 
 
-def ring_sum():
-    """A fake all-reduce over 3 ranks whose order of addition depends on where a value sits.
-
-    As in a ring all-reduce, element ``i`` of an ``n``-element vector is summed starting at rank
-    ``3 * i // n``. For a large value ``x`` of rank 0, ranks 1 and 2 hold ``1.0`` and ``-x``, so
-    the order decides whether the 1.0 survives: a metric that moved to another position (or a
-    vector of another length) would be recorded differently. Small values (times, flags) are
-    held by every rank.
-    """
-    def reduce(vec: torch.Tensor) -> None:
-        n = len(vec)
-        out = []
-        for i, x in enumerate(vec.tolist()):
-            vals = [x, *others(x)]
-            start = 3 * i // n
-            total = 0.0
-            for r in range(3):
-                total += vals[(start + r) % 3]
-            out.append(total)
-        vec.copy_(torch.tensor(out, dtype=torch.float64))
-    return reduce
+def three_ranks(vec: torch.Tensor) -> torch.Tensor:
+    """A fake all-gather over 3 ranks. For a large value ``x`` of rank 0, ranks 1 and 2 hold ``1.0``
+    and ``-x``: summed in rank order the 1.0 is lost, in another order it survives, so a sum whose
+    order depended on where a value sits (or on the sync points) would show."""
+    def other(v: float, r: int) -> float:
+        if abs(v) < 1e15:
+            return v
+        return 1.0 if r == 1 else -v
+    rows = [vec.tolist()] + [[other(v, r) for v in vec.tolist()] for r in (1, 2)]
+    return torch.tensor(rows, dtype=torch.float64)
 
 
 def run(step_seconds: float, steps: int = 23, interval: int = 10) -> tuple[list, list[int]]:
     """Records and sync points of ``steps`` steps of rank 0, each taking ``step_seconds``."""
     clock = Clock()
-    log = StepLog(3, interval, ring_sum(), sync_seconds=1.0, clock=clock)
+    log = StepLog(3, interval, three_ranks, sync_seconds=1.0, clock=clock)
     log.start(0)
     records, syncs = [], []
     for n in range(1, steps + 1):
@@ -79,7 +69,7 @@ def test_recorded_values_do_not_depend_on_the_sync_points():
 
 def test_flags_of_any_rank_reach_every_rank():
     clock = Clock()
-    log = StepLog(2, 10, lambda vec: vec.mul_(2), clock=clock)  # two ranks holding the same values
+    log = StepLog(2, 10, lambda vec: torch.stack([vec, vec]), clock=clock)  # two ranks holding the same values
     log.start(0)
     log.add(1, {"loss": 1.0}, now=0.0)
     synced = log.sync(1, wants_save=True, preempted=False)
@@ -103,3 +93,27 @@ def test_metric_names_must_stay_the_same_and_be_numbers():
     text.add(1, {"loss": "low"}, now=0.0)
     with pytest.raises(ValueError, match="got str"):
         text.sync(1, wants_save=False, preempted=False)
+
+
+def test_a_survivor_rebuilds_the_steps_since_the_sync_point_from_the_ledgers(tmp_path):
+    """The records a survivor rebuilds equal, bit for bit, what the next sync point would have recorded."""
+    from launcher.steps import StepLedger
+    token = "attempt-1"
+    logs = [StepLog(3, 10, three_ranks, ledger=StepLedger(tmp_path, r, token)) for r in range(3)]
+    loss = {0: lambda n: 1e16 * n, 1: lambda n: 1.0, 2: lambda n: -1e16 * n}  # as three_ranks fakes them
+    for log in logs:
+        log.start(0)
+    for n in (1, 2, 3):
+        for r, log in enumerate(logs):
+            log.add(n, {"loss": loss[r](n), "lr": torch.tensor(0.5)}, now=float(n))
+    peers = lambda r: StepLedger.read(tmp_path, r, token, 2)  # noqa: E731
+    rebuilt = logs[2].agreed(peers, rank=2)  # its own values first would keep a 1.0 rank order loses
+    assert rebuilt.complete and [s for s, _, _ in rebuilt.records] == [1, 2, 3]
+    synced = logs[0].sync(3, wants_save=False, preempted=False).records  # rank 0's view of the same steps
+    assert [r for _, r, _ in rebuilt.records] == [r for _, r, _ in synced]
+    assert StepLedger.read(tmp_path, 2, "another attempt", 2) == {}, "a stale ledger is not read"
+    with open(tmp_path / "rank2.bin", "ab") as f:  # rank 2 dies half-way through writing step 4
+        f.write(b"\x04\x00\x00")
+    logs[1].add(4, {"loss": 4.0, "lr": 0.5}, now=4.0)
+    late = logs[1].agreed(peers, rank=1)
+    assert not late.complete and late.missing == 4 and len(late.records) == 3

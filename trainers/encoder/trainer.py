@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from launcher.config import Checks
 from launcher.exact import make_deterministic
+from launcher.rng import step_generator
 from trainers.common import (
     all_reduce_mean,
     global_batch_indices,
@@ -131,8 +132,6 @@ class EncoderTrainer:
         self.lr_control = LrControl({"model": ("optim.lr", "optim")}, {"model": o.lr})
         self._build_optimizer()
         self._baselines: dict[str, float] | None = None
-        # Each rank draws its own masks and dropout from its own stream, restored on resume.
-        torch.manual_seed(cfg.train.seed * 1000 + 1 + self.rank)
 
     def _load_windows(self, cfg) -> tuple[torch.Tensor, torch.Tensor]:
         d = cfg.data
@@ -165,21 +164,26 @@ class EncoderTrainer:
         return len(self.train_x) // self.cfg.data.batch_size
 
     def train_step(self, step: int) -> dict[str, float]:
-        d = self.cfg.data
-        idx = global_batch_indices(len(self.train_x), d.batch_size, self.cfg.train.seed, step, self.rank, self.world)
+        d, seed = self.cfg.data, self.cfg.train.seed
+        idx = global_batch_indices(len(self.train_x), d.batch_size, seed, step, self.rank, self.world)
         x = self.train_x[idx].to(self.device)
-        mask = span_masks(len(idx), d.window, d.mask_span).to(self.device)
-        base = self.lr_control.base("model", self.cfg.optim.lr)
-        lr = base * self.schedule.factor(step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.lr_control.record("model", lr, "optim.lr", self.cfg.optim.lr, self.schedule.factor(step + 1))
+        # The step's masks from its own stream, a function of (seed, step, rank): nothing to save, and
+        # any rank's checkpoint restores every rank's draws. Dropout draws from the global generators,
+        # which the loop seeds for each step the same way (launcher/rng.py).
+        g = step_generator(seed, step, self.rank, "masks")
+        mask = span_masks(len(idx), d.window, d.mask_span, g).to(self.device)
         self.model.train()
         loss = masked_mse(self.model(x, mask), x, mask)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # the step's collective (the exact gradient average); saved state is untouched so far
         if self.cfg.optim.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        # Saved state changes from here on, after the last collective: a peer lost before this point
+        # leaves this rank at the step boundary, from which a snapshot can be written.
+        lr = self.lr_control.base("model", self.cfg.optim.lr) * self.schedule.factor(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.lr_control.record("model", lr, "optim.lr", self.cfg.optim.lr, self.schedule.factor(step + 1))
         self.optimizer.step()
         return {"loss": loss.detach(), "lr": lr}  # a tensor: no device sync here
 

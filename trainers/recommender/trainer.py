@@ -30,6 +30,7 @@ builds its own (``data.tasks_on_init``).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import shutil
 from dataclasses import dataclass
@@ -37,9 +38,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.optim.adam import adam
 
 from launcher.config import Checks
 from launcher.exact import average_gradients
+from launcher.rng import step_generator
 from trainers.common import (
     DataError,
     all_reduce_mean,
@@ -171,9 +174,10 @@ class RecommenderTrainer:
                                      "scheduler": ("optim.scheduler_lr", "task_scheduler_optim")},
                                     {"model": self._model_lr(0), "scheduler": cfg.optim.scheduler_lr})
         self._build_optimizers()
+        # Scratch copy for the meta step's look-ahead (the parameters Adam's update will give): not saved.
+        self._ahead = Recommender(self.n_items, m.dim, cfg.optim.inner_lr).to(self.device)
         self.moving_avg_reward = 0.0
         self._popular: dict[str, float] | None = None
-        torch.manual_seed(cfg.train.seed * 1000 + 1 + self.rank)  # per-rank support/query draws and task draws
 
     # ------------------------------------------------------------------ the task set
 
@@ -243,15 +247,19 @@ class RecommenderTrainer:
     def _model_lr(self, step: int) -> float:
         return getattr(self.cfg.optim, self._model_lr_key(step).split(".")[1])
 
-    def _set_lrs(self, step: int) -> float:
-        lr = self.lr_control.base("model", self._model_lr(step))
-        slr = self.lr_control.base("scheduler", self.cfg.optim.scheduler_lr)
+    def _lrs(self, step: int) -> tuple[float, float]:
+        """The learning rates of step ``step``: the recommender's and the Scheduler's."""
+        return (self.lr_control.base("model", self._model_lr(step)),
+                self.lr_control.base("scheduler", self.cfg.optim.scheduler_lr))
+
+    def _set_lrs(self, step: int) -> None:
+        """Apply step ``step``'s learning rates (saved state: only after the step's last collective)."""
+        lr, slr = self._lrs(step)
         for optimizer, value in ((self.optimizer, lr), (self.scheduler_optimizer, slr)):
             for group in optimizer.param_groups:
                 group["lr"] = value
         self.lr_control.record("model", lr, self._model_lr_key(step + 1), self._model_lr(step + 1))
         self.lr_control.record("scheduler", slr, "optim.scheduler_lr", self.cfg.optim.scheduler_lr)
-        return lr
 
     def _my_tasks(self, step: int) -> list[int]:
         picks = global_batch_indices(len(self.train_tasks), self.cfg.data.batch_size, self.cfg.train.seed,
@@ -259,62 +267,78 @@ class RecommenderTrainer:
         return [self.train_tasks[i] for i in picks]
 
     def train_step(self, step: int) -> dict[str, float]:
-        lr = self._set_lrs(step)
+        """One step. Every collective of a step comes before its first change to saved state, so a
+        peer lost during it leaves this rank at the step boundary (a snapshot can be written)."""
+        lr = self._lrs(step)[0]  # before the step: its end may hand a set-lr override to the next phase
         histories = [self.tasks.histories[t] for t in self._my_tasks(step)]
         if step < self.cfg.meta.steps:
-            out = self._meta_step(histories)
+            out = self._meta_step(step, histories)
         else:
-            out = self._finetune_step(histories)
+            out = self._finetune_step(step, histories)
         return {**out, "lr": lr}
 
-    def _split(self, histories: list) -> tuple[list, list]:
+    def _split(self, histories: list, g: torch.Generator) -> tuple[list, list]:
         """Each training user's items drawn anew into a support set and a query set."""
         supports, queries = [], []
         for items in histories:
-            order = torch.randperm(len(items)).tolist()
+            order = torch.randperm(len(items), generator=g).tolist()
             n = min(len(items) - 1, max(1, round(self.cfg.meta.support_fraction * len(items))))
             supports.append([int(items[i]) for i in order[:n]])
             queries.append([int(items[i]) for i in order[n:]])
         return supports, queries
 
-    def _meta_step(self, histories: list) -> dict[str, float]:
-        supports, queries = self._split(histories)
+    def _meta_step(self, step: int, histories: list) -> dict[str, float]:
+        # The step's draws (support/query splits, the tasks drawn) from its own stream: a function of
+        # (seed, step, rank), so nothing about them is saved and any rank's checkpoint restores all.
+        seed = self.cfg.train.seed
+        supports, queries = self._split(histories, step_generator(seed, step, self.rank, "splits"))
         s_items, s_valid = pad(supports, self.device)
         q_items, q_valid = pad(queries, self.device)
         users, support_loss, grad_norm = self.model.adapt(s_items, s_valid, self.cfg.meta.inner_steps, True)
         query_loss = item_loss(self.model.scores(users), q_items, q_valid)
         features = torch.stack([support_loss, query_loss.detach(), grad_norm], 1)
         probs = torch.softmax(self.scheduler(features), 0)
-        chosen = torch.multinomial(probs.detach(), max(1, len(probs) // 2), replacement=False)
+        chosen = torch.multinomial(probs.detach(), max(1, len(probs) // 2), replacement=False,
+                                   generator=step_generator(seed, step, self.rank, "tasks", self.device))
         meta_loss = query_loss[chosen].mean()
         self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler_optimizer.zero_grad(set_to_none=True)
         meta_loss.backward()
-        average_gradients(self.model.parameters())
-        self.optimizer.step()
+        # REINFORCE: the Scheduler's gradient is -advantage times this one; the advantage needs the
+        # reward, known only after the update, so it scales the averaged gradient below.
+        torch.log(probs[chosen]).sum().backward()
+        average_gradients([*self.model.parameters(), *self.scheduler.parameters()])  # one collective for both
 
-        # Reward: how well the drawn tasks' queries do after the update.
+        # Reward: how well the drawn tasks' queries do after the update, on the parameters Adam's
+        # update will give (computed on a copy: the model and the optimizers change only after the
+        # step's last collective, the reward's average).
+        lr, _ = self._lrs(step)
+        adam_look_ahead(self.optimizer, lr, list(self._ahead.parameters()))
         picked = chosen.tolist()
-        after_users, _, _ = self.model.adapt(s_items[picked], s_valid[picked], self.cfg.meta.inner_steps, False)
+        after_users, _, _ = self._ahead.adapt(s_items[picked], s_valid[picked], self.cfg.meta.inner_steps, False)
         with torch.no_grad():
-            after = item_loss(self.model.scores(after_users), q_items[picked], q_valid[picked]).mean()
+            after = item_loss(self._ahead.scores(after_users), q_items[picked], q_valid[picked]).mean()
         reward = float(all_reduce_mean(-after.detach().double().reshape(1).cpu())[0])
         advantage = reward - self.moving_avg_reward
-        scheduler_loss = -advantage * torch.log(probs[chosen]).sum()
-        self.scheduler_optimizer.zero_grad(set_to_none=True)
-        scheduler_loss.backward()
-        average_gradients(self.scheduler.parameters())
+
+        self._set_lrs(step)  # saved state changes from here on; no collective follows
+        self.optimizer.step()
+        for p in self.scheduler.parameters():
+            if p.grad is not None:
+                p.grad.mul_(-advantage)
         self.scheduler_optimizer.step()
         m = self.cfg.meta.baseline_momentum
         self.moving_avg_reward = m * self.moving_avg_reward + (1 - m) * reward
         return {"loss": meta_loss.detach(), "reward": reward, "phase": 0.0}
 
-    def _finetune_step(self, histories: list) -> dict[str, float]:
+    def _finetune_step(self, step: int, histories: list) -> dict[str, float]:
         items, valid = pad([list(h) for h in histories], self.device)
         users, _, _ = self.model.adapt(items, valid, self.cfg.meta.inner_steps, True)
         loss = item_loss(self.model.scores(users), items, valid).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        average_gradients(self.model.parameters())
+        average_gradients(self.model.parameters())  # the step's collective; saved state changes only after it
+        self._set_lrs(step)
         self.optimizer.step()
         return {"loss": loss.detach(), "reward": self.moving_avg_reward, "phase": 1.0}  # a tensor: no sync here
 
@@ -411,3 +435,34 @@ class RecommenderTrainer:
     def from_package(cls, config, weights: dict[str, torch.Tensor], meta: dict[str, Any]):
         from trainers.recommender.package import RecommenderPackage
         return RecommenderPackage.build(config, weights, meta)
+
+
+@torch.no_grad()
+def adam_look_ahead(optimizer: torch.optim.Adam, lr: float, into: list[torch.nn.Parameter]) -> None:
+    """Set ``into`` (tensors shaped like ``optimizer``'s parameters, in order) to what
+    ``optimizer.step()`` at ``lr`` would make of its parameters; the optimizer, its state and its
+    parameters stay as they are. torch's own Adam function runs on copies of the moments."""
+    signature = inspect.signature(adam).parameters
+    targets = iter(into)
+    for group in optimizer.param_groups:
+        params, grads, avgs, sqs, maxes, steps = [], [], [], [], [], []
+        for p in group["params"]:
+            q = next(targets)
+            q.copy_(p)
+            if p.grad is None:
+                continue
+            st = optimizer.state.get(p) or {}
+            on_device = group.get("capturable") or group.get("fused")
+            params.append(q)
+            grads.append(p.grad)
+            avgs.append(st["exp_avg"].clone() if st else torch.zeros_like(p, memory_format=torch.preserve_format))
+            sqs.append(st["exp_avg_sq"].clone() if st else torch.zeros_like(p, memory_format=torch.preserve_format))
+            if group["amsgrad"]:
+                maxes.append(st["max_exp_avg_sq"].clone() if st else torch.zeros_like(p))
+            steps.append(st["step"].clone() if st else torch.tensor(0.0, device=p.device if on_device else None))
+        flags = {k: group[k] for k in ("foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
+                 if k in group and k in signature}
+        beta1, beta2 = group["betas"]
+        adam(params, grads, avgs, sqs, maxes, steps, amsgrad=group["amsgrad"], beta1=beta1,
+                              beta2=beta2, lr=lr, weight_decay=group["weight_decay"], eps=group["eps"],
+                              maximize=group["maximize"], **flags)
