@@ -107,6 +107,7 @@ class MyTrainer:
     def setup(self, ctx: TrainContext) -> None:
         cfg = self.cfg = ctx.config
         self.rank, self.world, self.device = ctx.rank, ctx.world_size, ctx.device
+        self.report = ctx.step_metrics  # optional: see train_step
         d = cfg.data
         x, y = two_spirals(d.points, d.noise, d.turns, cfg.train.seed)
         n_val = int(len(x) * d.val_fraction)
@@ -143,12 +144,15 @@ class MyTrainer:
         x, y = self.train_x[idx].to(self.device), self.train_y[idx].to(self.device)
         self.model.train()
         loss = nn.functional.cross_entropy(self.model(x), y)
+        metrics = {"loss": loss.detach(), "lr": self.optimizer.param_groups[0]["lr"]}  # a tensor: no device sync
+        # Optional: the values on record before the step's collective and any change of state, so
+        # that wherever this rank dies, the surviving ranks' snapshot of the step has them.
+        self.report(**metrics)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        lr = self.optimizer.param_groups[0]["lr"]
+        loss.backward()  # under DDP, the step's collective
         self.optimizer.step()
         self.scheduler.step()
-        return {"loss": loss.detach(), "lr": lr}  # a tensor: no device sync here
+        return metrics
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

@@ -144,6 +144,7 @@ class FaultTolerant:
         self._first_step = 0  # the step this attempt started from
         self._clean = False  # no saved state touched since the last step boundary
         self._closing: snapshot.Closing | None = None  # what end_step still records for its boundary
+        self._evaluating: int | None = None  # the step whose evaluation is running (launcher/snapshot.py)
         self._last_window: list[dict[str, Any]] = []  # the records of the last sync point (rank 0 may lack them)
         self._internal = False  # our own state_dict calls (their optimizer steps are not the user's)
         self._failpoint = faults.active()  # a testing aid: none outside tests
@@ -488,10 +489,10 @@ class FaultTolerant:
         ``exit_code`` 75), reports progress to ftrun and records metrics.
         """
         self._check_step(step)
-        if "loss" not in metrics:
+        n = step + 1
+        if "loss" not in metrics and not self._steps.has_early(n):
             raise UsageError("end_step(step, loss=...): the step's loss is required (it makes the epoch's "
                              "train_loss); add any other metrics as keywords")
-        n = step + 1
         self.progress.step = n
         self._clean = True  # the step is over: from here on the state is boundary n's (launcher/snapshot.py)
         self._steps.add(n, metrics, time.time())
@@ -499,7 +500,11 @@ class FaultTolerant:
         final = n >= self.total_steps
         if callable(evals):
             with self.activity("evaluating"):
+                if self._failpoint is not None:  # tests only (launcher/checkpoint/faults.py)
+                    faults.hit("evaluation", n, self.rank, self._failpoint)
+                self._evaluating = n  # a failure in it leaves no snapshot (launcher/snapshot.py)
                 evals = evals()
+                self._evaluating = None
         scores = _numbers(evals, "evals") if evals is not None else None
         due = self.manager.due(n, epoch_end, final, False, milestone=milestone is not None)
         self._closing = snapshot.Closing(n, (scores or {}) if epoch_end or scores is not None else None, due, milestone)
@@ -522,6 +527,21 @@ class FaultTolerant:
             return True
         self._boundary()
         return False
+
+    def step_metrics(self, step: int, **metrics: Any) -> None:
+        """Report step ``step``'s metrics as soon as they are known; optional, before ``end_step``.
+
+        Call it as soon as the values exist (e.g. after the forward pass, before or after the step's
+        collectives) and before its first change to saved state (the optimizer's ``step()``), with
+        what ``end_step`` would get (``loss`` required). If this rank then dies after the step's
+        collectives (in its optimizer step), a survivor still has the values and can write its
+        snapshot of the step (``docs/own-loop.md``).
+        ``end_step(step)`` then takes no metrics (or the same names: these values are used).
+        """
+        self._check_step(step)
+        if "loss" not in metrics:
+            raise UsageError("step_metrics(step, loss=...): the step's loss is required")
+        self._steps.add_early(step + 1, metrics)
 
     def _check_step(self, step: int) -> None:
         if not self._resumed:

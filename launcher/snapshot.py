@@ -29,7 +29,9 @@ The decision, in order; when there is no snapshot, the first reason that applies
 2. every rank's values of every step up to the boundary are known (agreed at a sync point, or
    in its ledger): not so when a rank died after its step's last collective but before its
    ``end_step`` (during its optimizer step), or when the values live on an accelerator (no ledger);
-3. no saved tensor is sharded across ranks (``DTensor``, ``ShardedTensor``): a survivor holds
+3. the failure did not come during the step's evaluation (its result is part of the run's
+   history, the evaluation needs every rank, and a resume from that step would not run it again);
+4. no saved tensor is sharded across ranks (``DTensor``, ``ShardedTensor``): a survivor holds
    the whole state under data parallelism only.
 """
 
@@ -110,6 +112,8 @@ def _take(ft: FaultTolerant) -> Outcome:
                        if ft.started else "no snapshot: training had not begun")
     if step == ft._first_step:
         return Outcome(step, note="no snapshot needed: no step was completed since this attempt's checkpoint")
+    if ft._evaluating == step:  # its result belongs to the run's history, and needs every rank
+        return Outcome(step, note=f"no snapshot: the failure came during step {step}'s evaluation")
     agreed = ft._steps.agreed(ft._peer_steps, ft.rank)
     if not agreed.complete:
         return Outcome(step, note=f"no snapshot: step {agreed.missing}'s metrics were not written by every rank "

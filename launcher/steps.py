@@ -31,10 +31,13 @@ its values of each step to its own small file in the run directory as the step e
 ``write`` of a few dozen bytes, microseconds (a collective per step costs a hundred times more
 CPU on a busy machine, and the lean loop exists to avoid one). A survivor reads the others'
 files for the steps since the last sync point and adds them in rank order, the same sum a
-sync point computes. A rank killed in its optimizer step (after the step's last collective,
-before its ``end_step``) has not written that step: then :meth:`StepLog.agreed` says so and no
-snapshot is written. The ledger needs the values on the CPU: it is off when the loop's device is
-an accelerator (a per-step device synchronisation is what the lean loop avoids; with NCCL a lost
+sync point computes. A rank that reports its step's values as soon as they are known
+(:meth:`StepLog.add_early`, ``FaultTolerant.step_metrics``: before or right after the step's
+collectives, before its optimizer step, as our trainers do) has written them before it changes
+any state; a rank that reports them only in ``end_step`` and is killed after the step's last
+collective has not written that step: then :meth:`StepLog.agreed` says so and no snapshot is
+written. The ledger needs the values on the CPU: it is off when the loop's device is an
+accelerator (a per-step device synchronisation is what the lean loop avoids; with NCCL a lost
 peer blocks the survivors' collectives anyway).
 """
 
@@ -172,10 +175,11 @@ class StepLog:
         self._rows: list[list[Any]] = []
         self._times: list[float] = []
         self._window_start = clock()
+        self._early: tuple[int, list[Any]] | None = None  # (step, row) reported by add_early
 
     def start(self, step: int) -> None:
         """An attempt starts after ``step`` completed steps: its first step is a sync point."""
-        self._steps, self._rows, self._times = [], [], []
+        self._steps, self._rows, self._times, self._early = [], [], [], None
         self.keys, self._order = (), ()
         self.next_sync = step + 1
         self._window_start = self.clock()
@@ -187,6 +191,27 @@ class StepLog:
         are checked at the sync point that reads them (this runs every step and must cost next
         to nothing); with one, they are written to it now (one ``write``).
         """
+        if self._early is not None and self._early[0] == step:
+            if metrics and tuple(sorted(metrics)) != self.keys:
+                raise ValueError(f"end_step: step {step}'s metrics were reported as {', '.join(self.keys)} and "
+                                 f"now as {', '.join(sorted(metrics))}; report them once (or the same names)")
+            row, self._early = self._early[1], None
+        else:
+            row = self._row(step, metrics)
+        self._steps.append(step)
+        self._rows.append(row)
+        self._times.append(now)
+
+    def add_early(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """The metrics of step ``step``, known before the step changes any state: written to the
+        ledger now, so that a survivor has them even if this rank dies in its optimizer step;
+        :meth:`add` then buffers them when the step completes."""
+        self._early = (step, self._row(step, metrics))
+
+    def has_early(self, step: int) -> bool:
+        return self._early is not None and self._early[0] == step
+
+    def _row(self, step: int, metrics: Mapping[str, Any]) -> list[Any]:
         order = tuple(metrics)
         if order != self._order:
             self._set_names(order, step)
@@ -194,9 +219,7 @@ class StepLog:
         if self.ledger is not None:
             row = [self._number(step, j, v) for j, v in enumerate(row)]
             self.ledger.write(step, row)
-        self._steps.append(step)
-        self._rows.append(row)
-        self._times.append(now)
+        return row
 
     def _set_names(self, order: tuple[str, ...], step: int) -> None:
         keys = tuple(sorted(order))

@@ -124,7 +124,8 @@ class Job:
         self.trainer = resolve_trainer(cfg.trainer)()
         self.trainer.setup(TrainContext(config=cfg, rank=ft.rank, world_size=ft.world_size, device=ft.device,
                                         run_dir=ft.run_dir, fresh=not ft.resuming,
-                                        source=ft.checkpoint or ft.init_source))
+                                        source=ft.checkpoint or ft.init_source,
+                                        step_metrics=lambda **m: ft.step_metrics(ft.progress.step, **m)))
         ft.state.add_root(TrainerEntry(self.trainer, restart_schedule=self.opts.restart_schedule))
         self.steps_per_epoch = self.trainer.steps_per_epoch()
         self.milestones = self.trainer.milestones() if hasattr(self.trainer, "milestones") else {}

@@ -21,9 +21,10 @@ step the ranks had reported in their progress files), the step the job resumed f
 At the end the struck job's final checkpoint (weights, optimizer, lr schedule), epoch history and
 every ``metrics.jsonl`` record are compared with the reference's.
 
-``window`` is not random: two ranks under stock torchrun, rank 1 killed inside its optimizer
-step of step 33 by a failpoint (``launcher/checkpoint/faults.py``): the one instant at which a
-survivor writes no snapshot (it finished the step without rank 1's metrics of it), shown end to end.
+``window`` is not random: two ranks under stock torchrun, rank 1 killed by a failpoint
+(``launcher/checkpoint/faults.py``) as the evaluation at the end of step 28 begins (an epoch end
+at world size 2): the instant at which our trainers' survivors write no snapshot (the
+evaluation's result belongs to the history and needs every rank), shown end to end.
 
 Every process is started in its own session and ended through it (never by name); every wait
 is bounded. Usage::
@@ -192,13 +193,13 @@ def run_case(case: str, args, root: Path, rng: random.Random) -> dict:
 
 
 def window(args, root: Path) -> dict:
-    """Rank 1 killed inside its optimizer step: the survivor's step lacks rank 1's metrics; no snapshot."""
+    """Rank 1 killed as an epoch-end evaluation begins: no snapshot; the periodic checkpoint is used."""
     extra = ["--set", "train.max_steps=48", "--set", "train.log_interval=10", "--set", "checkpoint.interval_steps=20",
              "--set", "checkpoint.every_epoch=false"]
     ref_dir, run_dir = root / "window-ref", root / "window"
     if run(train_cmd("encoder", ref_dir, 2, extra), root / "window-ref.log", timeout=args.timeout * 4) != 0:
         raise SystemExit(tail(root / "window-ref.log"))
-    env = child_env(**{faults.ENV: "optimizer_step:33:1"})
+    env = child_env(**{faults.ENV: "evaluation:28:1"})
     first = run(train_cmd("encoder", run_dir, 2, extra), root / "window.log", timeout=args.timeout * 4, env=env)
     second = run(train_cmd("encoder", run_dir, 2, extra), root / "window-2.log", timeout=args.timeout * 4)
     t = next(e["time"] for e in events.read(run_dir) if e["kind"] == "snapshot")

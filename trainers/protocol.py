@@ -30,7 +30,8 @@ Optional, each used when present:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -50,6 +51,11 @@ class TrainContext:
     #: The checkpoint whose state will be loaded: this run's own, another run's (``--resume PATH``),
     #: or, with ``fresh``, the one ``--init-from`` starts a new run from. None when nothing is loaded.
     source: Path | None = None
+    #: Report the current step's metrics (the keywords ``train_step`` returns) as soon as they are
+    #: known (before or after the step's collectives), before its optimizer step. Optional (``train_step``
+    #: returns them anyway); with it, a rank killed during its optimizer step costs nothing
+    #: (``docs/own-trainer.md``). Outside the launcher it does nothing.
+    step_metrics: Callable[..., None] = field(default=lambda **metrics: None)
 
 
 @runtime_checkable

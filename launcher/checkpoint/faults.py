@@ -17,14 +17,16 @@ Points, in the order a save reaches them:
 ``after_meta``      rank 0: ``meta.json`` names ``step_N``; retention has not run
 ==================  ========================================================================
 
-And two instants of the training loop (``STEP``: the steps completed when it is reached), for
+And three instants of the training loop (``STEP``: the steps completed when it is reached), for
 the just-in-time snapshots of the survivors (``launcher/snapshot.py``):
 
 ==================  ========================================================================
 ``step_start``      a step begins (``resume()`` or ``end_step()`` returned): the other ranks
                     meet the loss in the step's first collective, at a clean boundary
 ``optimizer_step``  inside the step's first optimizer ``step()``, after its collectives: the
-                    other ranks finish the step, but this one never shares its metrics
+                    other ranks finish the step (with its metrics when it reported them early)
+``evaluation``      ``end_step()`` is about to run the step's evaluation: the other ranks meet
+                    the loss in the evaluation's collectives
 ==================  ========================================================================
 
 With ``FTLAUNCH_FAILPOINT_ONCE=PATH`` a failpoint fires once: it creates ``PATH`` before the
@@ -42,7 +44,7 @@ from dataclasses import dataclass
 ENV = "FTLAUNCH_FAILPOINT"
 ONCE_ENV = "FTLAUNCH_FAILPOINT_ONCE"
 POINTS = ("mid_shard", "after_dcp_save", "after_manifest", "after_rename", "after_meta", "step_start",
-          "optimizer_step")
+          "optimizer_step", "evaluation")
 
 
 @dataclass(frozen=True)

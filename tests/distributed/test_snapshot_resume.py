@@ -5,10 +5,11 @@ record) with an uninterrupted run. Rank 0 meets the loss in that step's first co
 clean boundary with every step's metrics shared: it writes a snapshot of that step, and the
 rerun resumes from it, losing nothing.
 
-The other instant, rank 1 killed inside its optimizer step (``FTLAUNCH_FAILPOINT=optimizer_step:13:1``:
-rank 0 finishes the step without rank 1's metrics of it, writes no snapshot and says why), is
-shown by ``scripts/bench_goodput.py --window``; random kills, ftrun and two "nodes" are in
-``tests/chaos/test_snapshots.py``.
+Two more instants: rank 1 killed inside its optimizer step (its metrics of the step were
+reported before it, ``step_metrics``: rank 0 finishes the step and writes a snapshot of it), and
+rank 1 killed as an evaluation begins (no snapshot: the job falls back to the periodic
+checkpoint). Random kills, ftrun and two "nodes" are in ``tests/chaos/test_snapshots.py`` and
+``scripts/snapshot_trials.py``.
 """
 
 from __future__ import annotations
@@ -72,4 +73,24 @@ def test_a_rank_lost_as_a_step_begins_costs_nothing(reference, tmp_path):
     assert (snap["rank"], snap["step"], snap["checkpoint"]) == (0, 13, "step_00000013"), snap
     assert resumed == 13, "resumed from the snapshot: no completed step is redone"
     assert "a snapshot by rank 0" in (tmp_path / "rerun.log").read_text()
+    assert_same_run(reference, run_dir)
+
+
+def test_a_rank_lost_in_its_optimizer_step_costs_nothing(reference, tmp_path):
+    """Its metrics of the step were on record before its optimizer step (the trainer's early
+    report), so the survivor completes the step and writes a snapshot of it."""
+    run_dir, snapshots, resumed = kill_and_rerun(tmp_path, "optimizer_step:11:1")  # step 12: no epoch end
+    (snap,) = snapshots
+    assert (snap["rank"], snap["step"], snap["checkpoint"]) == (0, 12, "step_00000012"), snap
+    assert resumed == 12
+    assert_same_run(reference, run_dir)
+
+
+def test_a_rank_lost_during_an_evaluation_falls_back_to_the_periodic_checkpoint(reference, tmp_path):
+    """The evaluation's result is part of the run's history, and the survivor cannot finish it
+    alone: no snapshot of that step; the rerun redoes the steps since the checkpoint, exactly."""
+    run_dir, snapshots, resumed = kill_and_rerun(tmp_path, "evaluation::1")
+    (snap,) = snapshots
+    assert snap["checkpoint"] is None and "evaluation" in snap["note"], snap
+    assert resumed < snap["step"], "resumed from the periodic checkpoint before the evaluated step"
     assert_same_run(reference, run_dir)

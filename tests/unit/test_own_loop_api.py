@@ -19,6 +19,7 @@ from launcher import FaultTolerant, RegistrationError, UsageError, events, rng
 from launcher.api import run_main
 from launcher.checkpoint.files import CheckpointError
 from launcher.checkpoint.manager import CheckpointManager
+from launcher.metrics import read_records
 from launcher.observe import Observer
 
 pytestmark = pytest.mark.timeout(120)
@@ -238,6 +239,36 @@ def test_clean_boundary_ends_at_the_first_optimizer_step(tmp_path):
         assert ft.clean_boundary == 1
         ft.mutating()
         assert ft.clean_boundary is None
+
+
+def test_step_metrics_reported_before_the_optimizer_step_make_the_steps_record(tmp_path):
+    """``step_metrics`` (before the optimizer step) then ``end_step(step)``: the same records as
+    passing the metrics to ``end_step``."""
+    model, opt = build()
+    with session(tmp_path / "early") as ft:
+        ft.register(model=model, optim=opt)
+        ft.resume(total_steps=2)
+        with pytest.raises(UsageError, match="loss is required"):
+            ft.step_metrics(0, lr=0.1)
+        for step in range(2):
+            loss = model(torch.ones(2, 3)).sum()
+            loss.backward()
+            ft.step_metrics(step, loss=loss.detach(), lr=0.1)
+            assert ft.clean_boundary == step, "reporting changes nothing saved"
+            opt.step()
+            ft.end_step(step)
+    model, opt = build()
+    with session(tmp_path / "late") as ft:
+        ft.register(model=model, optim=opt)
+        ft.resume(total_steps=2)
+        for step in range(2):
+            loss = model(torch.ones(2, 3)).sum()
+            loss.backward()
+            opt.step()
+            ft.end_step(step, loss=loss.detach(), lr=0.1)
+    strip = lambda d: [{k: v for k, v in r.items() if k != "time"} for r in read_records(d)]  # noqa: E731
+    assert strip(tmp_path / "early") == strip(tmp_path / "late")
+    assert [r["step"] for r in strip(tmp_path / "late") if "loss" in r] == [1, 2]
 
 
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):

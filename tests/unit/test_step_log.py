@@ -117,3 +117,31 @@ def test_a_survivor_rebuilds_the_steps_since_the_sync_point_from_the_ledgers(tmp
     logs[1].add(4, {"loss": 4.0, "lr": 0.5}, now=4.0)
     late = logs[1].agreed(peers, rank=1)
     assert not late.complete and late.missing == 4 and len(late.records) == 3
+
+
+def test_values_reported_early_reach_the_survivors_before_the_step_ends(tmp_path):
+    """A rank that reports its step's values before its optimizer step (``step_metrics``) and dies
+    in that optimizer step has left them in its ledger: the survivor's step is complete."""
+    from launcher.steps import StepLedger
+    token = "attempt-1"
+    logs = [StepLog(2, 10, ledger=StepLedger(tmp_path, r, token)) for r in range(2)]
+    for log in logs:
+        log.start(0)
+    peers = lambda r: StepLedger.read(tmp_path, r, token, 2)  # noqa: E731
+    logs[1].add_early(1, {"loss": 3.0, "lr": 0.5})  # rank 1 reports, then dies in its optimizer step
+    logs[0].add_early(1, {"loss": 1.0, "lr": 0.5})
+    logs[0].add(1, {"loss": torch.tensor(9.0), "lr": 0.5}, now=1.0)  # end_step: the early values are kept
+    rebuilt = logs[0].agreed(peers, rank=0)
+    assert rebuilt.complete and rebuilt.records == [(1, {"loss": 2.0, "lr": 0.5}, 1.0)]
+    assert logs[0].has_early(1) is False, "taken by add()"
+    assert StepLedger.read(tmp_path, 0, token, 2) == {1: (1.0, 0.5)}, "written once, at the early report"
+
+    late = StepLog(2, 10, ledger=StepLedger(tmp_path / "b", 1, token))  # without the early report: missing
+    late.start(0)
+    logs2 = StepLog(2, 10, ledger=StepLedger(tmp_path / "b", 0, token))
+    logs2.start(0)
+    logs2.add(1, {"loss": 1.0, "lr": 0.5}, now=1.0)
+    assert logs2.agreed(lambda r: StepLedger.read(tmp_path / "b", r, token, 2), rank=0).missing == 1
+
+    with pytest.raises(ValueError, match="reported as loss, lr and now as loss"):
+        logs[1].add(1, {"loss": 3.0}, now=1.0)

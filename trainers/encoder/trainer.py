@@ -118,6 +118,7 @@ class EncoderTrainer:
     def setup(self, ctx: TrainContext) -> None:
         cfg = self.cfg = ctx.config
         self.rank, self.world, self.device = ctx.rank, ctx.world_size, ctx.device
+        self.report = ctx.step_metrics
         self.initializing = ctx.fresh and ctx.source is not None  # --init-from: a new run from another's weights
         self.train_x, self.val_x = self._load_windows(cfg)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -174,18 +175,22 @@ class EncoderTrainer:
         mask = span_masks(len(idx), d.window, d.mask_span, g).to(self.device)
         self.model.train()
         loss = masked_mse(self.model(x, mask), x, mask)
+        lr = self.lr_control.base("model", self.cfg.optim.lr) * self.schedule.factor(step)
+        metrics = {"loss": loss.detach(), "lr": lr}  # a tensor: no device sync here (on CUDA)
+        # The step's values are known: on record before its collective and any change of state, so
+        # that the survivors' snapshot has them whenever this rank dies (the step contract).
+        self.report(**metrics)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # the step's collective (the exact gradient average); saved state is untouched so far
         if self.cfg.optim.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         # Saved state changes from here on, after the last collective: a peer lost before this point
         # leaves this rank at the step boundary, from which a snapshot can be written.
-        lr = self.lr_control.base("model", self.cfg.optim.lr) * self.schedule.factor(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.lr_control.record("model", lr, "optim.lr", self.cfg.optim.lr, self.schedule.factor(step + 1))
         self.optimizer.step()
-        return {"loss": loss.detach(), "lr": lr}  # a tensor: no device sync here
+        return metrics
 
     # ------------------------------------------------------------------ evaluation
 

@@ -158,6 +158,7 @@ class RecommenderTrainer:
     def setup(self, ctx: TrainContext) -> None:
         cfg = self.cfg = ctx.config
         self.rank, self.world, self.device = ctx.rank, ctx.world_size, ctx.device
+        self.report = ctx.step_metrics
         self.initializing = ctx.fresh and ctx.source is not None  # --init-from: a new run from another's weights
         self.tasks = self._task_set(ctx)
         self.fingerprint = self.tasks.fingerprint()
@@ -272,10 +273,8 @@ class RecommenderTrainer:
         lr = self._lrs(step)[0]  # before the step: its end may hand a set-lr override to the next phase
         histories = [self.tasks.histories[t] for t in self._my_tasks(step)]
         if step < self.cfg.meta.steps:
-            out = self._meta_step(step, histories)
-        else:
-            out = self._finetune_step(step, histories)
-        return {**out, "lr": lr}
+            return self._meta_step(step, histories, lr)
+        return self._finetune_step(step, histories, lr)
 
     def _split(self, histories: list, g: torch.Generator) -> tuple[list, list]:
         """Each training user's items drawn anew into a support set and a query set."""
@@ -287,7 +286,7 @@ class RecommenderTrainer:
             queries.append([int(items[i]) for i in order[n:]])
         return supports, queries
 
-    def _meta_step(self, step: int, histories: list) -> dict[str, float]:
+    def _meta_step(self, step: int, histories: list, lr: float) -> dict[str, float]:
         # The step's draws (support/query splits, the tasks drawn) from its own stream: a function of
         # (seed, step, rank), so nothing about them is saved and any rank's checkpoint restores all.
         seed = self.cfg.train.seed
@@ -312,13 +311,18 @@ class RecommenderTrainer:
         # Reward: how well the drawn tasks' queries do after the update, on the parameters Adam's
         # update will give (computed on a copy: the model and the optimizers change only after the
         # step's last collective, the reward's average).
-        lr, _ = self._lrs(step)
         adam_look_ahead(self.optimizer, lr, list(self._ahead.parameters()))
         picked = chosen.tolist()
         after_users, _, _ = self._ahead.adapt(s_items[picked], s_valid[picked], self.cfg.meta.inner_steps, False)
         with torch.no_grad():
             after = item_loss(self._ahead.scores(after_users), q_items[picked], q_valid[picked]).mean()
-        reward = float(all_reduce_mean(-after.detach().double().reshape(1).cpu())[0])
+        mine = -after.detach().double().reshape(1).cpu()
+        # This rank's reward in the step's metrics (the loop averages them over the ranks, as the
+        # collective below does): on record before the step's last collective and any change of
+        # state, so the survivors' snapshot has this step whenever this rank dies (the step contract).
+        metrics = {"loss": meta_loss.detach(), "reward": float(mine[0]), "phase": 0.0, "lr": lr}
+        self.report(**metrics)
+        reward = float(all_reduce_mean(mine)[0])
         advantage = reward - self.moving_avg_reward
 
         self._set_lrs(step)  # saved state changes from here on; no collective follows
@@ -329,18 +333,20 @@ class RecommenderTrainer:
         self.scheduler_optimizer.step()
         m = self.cfg.meta.baseline_momentum
         self.moving_avg_reward = m * self.moving_avg_reward + (1 - m) * reward
-        return {"loss": meta_loss.detach(), "reward": reward, "phase": 0.0}
+        return metrics
 
-    def _finetune_step(self, step: int, histories: list) -> dict[str, float]:
+    def _finetune_step(self, step: int, histories: list, lr: float) -> dict[str, float]:
         items, valid = pad([list(h) for h in histories], self.device)
         users, _, _ = self.model.adapt(items, valid, self.cfg.meta.inner_steps, True)
         loss = item_loss(self.model.scores(users), items, valid).mean()
+        metrics = {"loss": loss.detach(), "reward": self.moving_avg_reward, "phase": 1.0, "lr": lr}  # no sync here
+        self.report(**metrics)  # on record before the collective and any change of state (the step contract)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients(self.model.parameters())  # the step's collective; saved state changes only after it
         self._set_lrs(step)
         self.optimizer.step()
-        return {"loss": loss.detach(), "reward": self.moving_avg_reward, "phase": 1.0}  # a tensor: no sync here
+        return metrics
 
     # ------------------------------------------------------------------ evaluation
 
