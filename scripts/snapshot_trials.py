@@ -203,7 +203,7 @@ def window(args, root: Path) -> dict:
     first = run(train_cmd("encoder", run_dir, 2, extra), root / "window.log", timeout=args.timeout * 4, env=env)
     second = run(train_cmd("encoder", run_dir, 2, extra), root / "window-2.log", timeout=args.timeout * 4)
     t = next(e["time"] for e in events.read(run_dir) if e["kind"] == "snapshot")
-    row = {"case": "window", "time": t, "recovered": second == 0 and first != 0, **failure_cost(run_dir, t - 1, 0)}
+    row = {"case": "window", "time": t, "recovered": second == 0 and first != 0, **failure_cost(run_dir, t, 0)}
     result = compare(ref_dir, run_dir, 48)
     print(f"  window: held step {row['held']}, resumed from {row['resumed']} "
           f"({'snapshot' if row['snapshot'] else 'periodic checkpoint'}); {'; '.join(row['why_not'])}; "
