@@ -55,6 +55,7 @@ from launcher import goodput  # noqa: E402
 
 
 def job(launcher: str, args, workdir: Path) -> tuple[Cluster, Path]:
+    workdir.mkdir(parents=True, exist_ok=True)
     run_dir = workdir / "run"
     script = [RUN, "--config", config_path(args.trainer), "--run-dir", str(run_dir),
               "--set", f"train.max_steps={args.steps}"]

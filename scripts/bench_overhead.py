@@ -5,7 +5,8 @@ For each trainer and world size one job starts (plain ``python`` for one process
 ``Job`` (the real session: process group, lock, metrics.jsonl, rank 0's progress lines and
 TensorBoard, progress reports as under ftrun) and then alternates blocks of ``--block`` steps:
 
-* **bare**: ``trainer.train_step(step)`` and nothing else;
+* **bare**: ``trainer.train_step(step)`` and nothing else (its early report of the step's
+  metrics to us, ``step_metrics``, switched off);
 * **ours**: ``Job.step(step)``: the same ``train_step``, then ``FaultTolerant.end_step``.
 
 Both kinds run the same step indices (the bare block replays the steps the next ours block
@@ -85,10 +86,15 @@ def worker(args: argparse.Namespace) -> None:
         rows = []
         for _ in range(args.pairs):
             first = ft.step
+            report = getattr(job.trainer, "report", None)
+            if report is not None:  # the bare loop without our early metrics report (it is our work)
+                job.trainer.report = lambda **metrics: None
             wall, cpu = time.perf_counter(), time.process_time()
             for i in range(args.block):
                 job.trainer.train_step(first + i)
             bare, bare_cpu = time.perf_counter() - wall, time.process_time() - cpu
+            if report is not None:
+                job.trainer.report = report
             own[0], syncs[0] = 0.0, 0
             wall, cpu = time.perf_counter(), time.process_time()
             for _ in range(args.block):
