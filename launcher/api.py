@@ -145,6 +145,7 @@ class FaultTolerant:
         self._clean = False  # no saved state touched since the last step boundary
         self._closing: snapshot.Closing | None = None  # what end_step still records for its boundary
         self._evaluating: int | None = None  # the step whose evaluation is running (launcher/snapshot.py)
+        self._evaluate: Callable[[], Mapping[str, float]] | None = None  # resume(evaluate=...)
         self._last_window: list[dict[str, Any]] = []  # the records of the last sync point (rank 0 may lack them)
         self._internal = False  # our own state_dict calls (their optimizer steps are not the user's)
         self._failpoint = faults.active()  # a testing aid: none outside tests
@@ -326,13 +327,19 @@ class FaultTolerant:
         for name, obj in states.items():
             self.state.add(name, obj)
 
-    def resume(self, total_steps: int, steps_per_epoch: int | None = None) -> int:
+    def resume(self, total_steps: int, steps_per_epoch: int | None = None,
+               evaluate: Callable[[], Mapping[str, float]] | None = None) -> int:
         """Load the latest verified checkpoint (if any) into the registered states.
 
         Args:
             total_steps: steps of the whole run (not of this attempt); may grow on a later start.
             steps_per_epoch: steps per pass over the data (default: the run is one epoch).
                 Epoch ends get an evaluation record and, by default, a checkpoint.
+            evaluate: the evaluation your loop passes to ``end_step`` at epoch ends, if any. With
+                it, a peer lost during an evaluation still leaves a snapshot of that step, and the
+                next attempt runs the evaluation here, before its first step, as the uninterrupted
+                run did (then records it and writes the checkpoint due there); without it, such a
+                failure falls back to the last periodic checkpoint.
 
         Returns:
             The step to start from: 0 on a fresh start, the checkpoint's step on a resume, and
@@ -345,7 +352,7 @@ class FaultTolerant:
         if not (isinstance(total_steps, int) and isinstance(spe, int) and total_steps >= 1 and spe >= 1):
             raise ValueError(f"resume(total_steps={total_steps!r}, steps_per_epoch={steps_per_epoch!r}): "
                              f"expected integers >= 1")
-        self.total_steps, self.steps_per_epoch = total_steps, spe
+        self.total_steps, self.steps_per_epoch, self._evaluate = total_steps, spe, evaluate
         self.state.seal()
         self._resumed = True
         if self._idle:
@@ -382,8 +389,37 @@ class FaultTolerant:
         self._steps.start(self.progress.step)
         self.observer.on_start(self.run_dir, self.progress.step, total_steps, resumed=bool(self.progress.resumed_at))
         self.preempt.training()  # from here on SIGTERM is a preemption (launcher/preempt.py)
+        if self._finish_evaluation():
+            return self.total_steps  # it stopped the run early
         self._boundary()
         return self.progress.step
+
+    def _finish_evaluation(self) -> bool:
+        """Run the evaluation a snapshot left pending (the failure came during it); True: stop early."""
+        p = self.progress
+        n, p.eval_pending = p.eval_pending, None
+        if n is None or n != p.step:
+            return False
+        if self._evaluate is None:
+            log.warning("Step %d's evaluation was under way when the last attempt failed, and resume() got no "
+                        "evaluate= to run it again: step %d has no evaluation record", n, n)
+            return False
+        log.info("Running step %d's evaluation, which was under way when the last attempt failed", n)
+        epoch_end = n % self.steps_per_epoch == 0
+        with self.activity("evaluating"):
+            self._evaluating = n
+            scores = _numbers(self._evaluate(), "evals")
+            self._evaluating = None
+        self._closing = snapshot.Closing(n, scores, None, None)
+        self._evaluation_record(n, scores, epoch_end)
+        stopping = self._early_stop.stopped(p.early_stop)
+        final = n >= self.total_steps
+        reason = "early stop" if stopping else self.manager.due(n, epoch_end, final, False, again=True)
+        if reason:  # the checkpoint of this step again, now with its evaluation (it names the best)
+            self._save(reason, self.record.loss if self.record else None, scores, blocking=True)
+        if stopping:
+            self._end("stopped early")
+        return stopping
 
     def nothing_to_do(self, message: str, status: str = "finished") -> int:
         """End this attempt before it starts: say ``message`` and change nothing in the run directory.

@@ -29,8 +29,9 @@ The decision, in order; when there is no snapshot, the first reason that applies
 2. every rank's values of every step up to the boundary are known (agreed at a sync point, or
    in its ledger): not so when a rank died after its step's last collective but before its
    ``end_step`` (during its optimizer step), or when the values live on an accelerator (no ledger);
-3. the failure did not come during the step's evaluation (its result is part of the run's
-   history, the evaluation needs every rank, and a resume from that step would not run it again);
+3. a failure during the step's evaluation (its result is part of the run's history and needs
+   every rank) is snapshotted only when the loop gave ``resume(evaluate=...)``: the snapshot
+   marks the evaluation pending and the next attempt runs it before its first step;
 4. no saved tensor is sharded across ranks (``DTensor``, ``ShardedTensor``): a survivor holds
    the whole state under data parallelism only.
 """
@@ -74,6 +75,7 @@ class Outcome:
     path: Path | None = None  # the snapshot, when this survivor's landed
     note: str = ""
     seconds: float = 0.0
+    pending: bool = False  # taken during the step's evaluation: the next attempt runs it first
     written: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
@@ -82,7 +84,8 @@ class Outcome:
     def phrase(self) -> str:
         """For the one-line report of a lost peer."""
         if self.written:
-            return f"wrote a snapshot of step {self.step} in {self.seconds:.2f} s"
+            then = " (its evaluation runs again when the job resumes)" if self.pending else ""
+            return f"wrote a snapshot of step {self.step} in {self.seconds:.2f} s{then}"
         return self.note
 
 
@@ -112,8 +115,10 @@ def _take(ft: FaultTolerant) -> Outcome:
                        if ft.started else "no snapshot: training had not begun")
     if step == ft._first_step:
         return Outcome(step, note="no snapshot needed: no step was completed since this attempt's checkpoint")
-    if ft._evaluating == step:  # its result belongs to the run's history, and needs every rank
-        return Outcome(step, note=f"no snapshot: the failure came during step {step}'s evaluation")
+    pending = ft._evaluating == step  # the evaluation needs every rank: the next attempt runs it
+    if pending and ft._evaluate is None:
+        return Outcome(step, note=f"no snapshot: the failure came during step {step}'s evaluation (this loop "
+                                  f"gave resume() no evaluate= to run it again)")
     agreed = ft._steps.agreed(ft._peer_steps, ft.rank)
     if not agreed.complete:
         return Outcome(step, note=f"no snapshot: step {agreed.missing}'s metrics were not written by every rank "
@@ -127,6 +132,7 @@ def _take(ft: FaultTolerant) -> Outcome:
         if closing.evals:
             ft._early_stop.observe(p.early_stop, closing.evals, step)
     p.unwritten = carried  # the next start writes those metrics.jsonl lacks
+    p.eval_pending = step if pending else None
     with ft._ours():
         state = {**ft.state.state(), "progress": p.to_json()}
     if _sharded(state):
@@ -136,7 +142,9 @@ def _take(ft: FaultTolerant) -> Outcome:
     info = ft._record_info(closing.due if closing is not None and closing.due else SNAPSHOT,
                            losses[-1] if losses else None, evals, closing.milestone if closing else None)
     written = ft.manager.save_alone(step, state, info)
-    return Outcome(step, written.path, written.note if written.path else f"no snapshot written: {written.note}")
+    if not written.path:
+        return Outcome(step, None, f"no snapshot written: {written.note}")
+    return Outcome(step, written.path, written.note, pending=pending)
 
 
 def _sharded(state: Any) -> bool:

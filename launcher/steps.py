@@ -77,6 +77,9 @@ class Progress:
     #: ``metrics.jsonl`` records up to ``step`` that the file may lack: a snapshot written by a rank
     #: other than rank 0 carries those agreed since the last checkpoint; the next start writes them.
     unwritten: list[dict[str, Any]] = field(default_factory=list)
+    #: A snapshot taken while step ``step``'s evaluation ran: the next attempt runs it before its
+    #: first step (``FaultTolerant.resume(evaluate=...)``), as the uninterrupted run would have.
+    eval_pending: int | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

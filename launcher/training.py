@@ -130,7 +130,8 @@ class Job:
         self.steps_per_epoch = self.trainer.steps_per_epoch()
         self.milestones = self.trainer.milestones() if hasattr(self.trainer, "milestones") else {}
         total = cfg.train.total_steps(self.steps_per_epoch)
-        return ft.resume(total_steps=total, steps_per_epoch=self.steps_per_epoch), total
+        evaluate = self.trainer.evaluate if cfg.train.eval_every_epoch else None  # a pending one runs first
+        return ft.resume(total_steps=total, steps_per_epoch=self.steps_per_epoch, evaluate=evaluate), total
 
     def step(self, step: int) -> bool:
         """Take step ``step`` (0-based); True when the run must stop."""

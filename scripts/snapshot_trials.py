@@ -23,8 +23,8 @@ every ``metrics.jsonl`` record are compared with the reference's.
 
 ``window`` is not random: two ranks under stock torchrun, rank 1 killed by a failpoint
 (``launcher/checkpoint/faults.py``) as the evaluation at the end of step 28 begins (an epoch end
-at world size 2): the instant at which our trainers' survivors write no snapshot (the
-evaluation's result belongs to the history and needs every rank), shown end to end.
+at world size 2). The evaluation needs every rank, so the survivor cannot finish it; its snapshot
+marks it pending and the rerun runs it before its first step. Shown end to end.
 
 Every process is started in its own session and ended through it (never by name); every wait
 is bounded. Usage::
@@ -193,7 +193,7 @@ def run_case(case: str, args, root: Path, rng: random.Random) -> dict:
 
 
 def window(args, root: Path) -> dict:
-    """Rank 1 killed as an epoch-end evaluation begins: no snapshot; the periodic checkpoint is used."""
+    """Rank 1 killed as an epoch-end evaluation begins: a snapshot with the evaluation pending."""
     extra = ["--set", "train.max_steps=48", "--set", "train.log_interval=10", "--set", "checkpoint.interval_steps=20",
              "--set", "checkpoint.every_epoch=false"]
     ref_dir, run_dir = root / "window-ref", root / "window"

@@ -245,9 +245,10 @@ class CheckpointManager:
         return self._requested or timed
 
     def due(self, step: int, epoch_end: bool, final: bool, any_rank_wants: bool,
-            milestone: bool = False) -> str | None:
-        """Why a checkpoint is due after ``step`` completed steps, or None (``milestone``: the trainer's)."""
-        if step == self._last_saved_step:
+            milestone: bool = False, again: bool = False) -> str | None:
+        """Why a checkpoint is due after ``step`` completed steps, or None (``milestone``: the trainer's;
+        ``again``: even though one of this step exists, e.g. a snapshot written before its evaluation)."""
+        if step == self._last_saved_step and not again:
             return None
         if final:
             return "end of training"

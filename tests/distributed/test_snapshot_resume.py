@@ -7,8 +7,8 @@ rerun resumes from it, losing nothing.
 
 Two more instants: rank 1 killed inside its optimizer step (its metrics of the step were
 reported before it, ``step_metrics``: rank 0 finishes the step and writes a snapshot of it), and
-rank 1 killed as an evaluation begins (no snapshot: the job falls back to the periodic
-checkpoint). Random kills, ftrun and two "nodes" are in ``tests/chaos/test_snapshots.py`` and
+rank 1 killed as an evaluation begins (a snapshot marking the evaluation pending; the rerun
+runs it first). Random kills, ftrun and two "nodes" are in ``tests/chaos/test_snapshots.py`` and
 ``scripts/snapshot_trials.py``.
 """
 
@@ -86,11 +86,13 @@ def test_a_rank_lost_in_its_optimizer_step_costs_nothing(reference, tmp_path):
     assert_same_run(reference, run_dir)
 
 
-def test_a_rank_lost_during_an_evaluation_falls_back_to_the_periodic_checkpoint(reference, tmp_path):
-    """The evaluation's result is part of the run's history, and the survivor cannot finish it
-    alone: no snapshot of that step; the rerun redoes the steps since the checkpoint, exactly."""
+def test_a_rank_lost_during_an_evaluation_costs_nothing(reference, tmp_path):
+    """The survivor cannot finish the evaluation alone (it needs every rank), but its state is the
+    step's: it writes a snapshot that marks the evaluation pending, and the rerun evaluates before
+    its first step, so the history is the uninterrupted run's."""
     run_dir, snapshots, resumed = kill_and_rerun(tmp_path, "evaluation::1")
     (snap,) = snapshots
-    assert snap["checkpoint"] is None and "evaluation" in snap["note"], snap
-    assert resumed < snap["step"], "resumed from the periodic checkpoint before the evaluated step"
+    assert snap["checkpoint"] == f"step_{snap['step']:08d}", snap
+    assert resumed == snap["step"], "resumed from the snapshot of the evaluated step"
+    assert f"Running step {resumed}'s evaluation" in (tmp_path / "rerun.log").read_text()
     assert_same_run(reference, run_dir)
