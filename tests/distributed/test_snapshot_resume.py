@@ -8,7 +8,7 @@ rerun resumes from it, losing nothing.
 Two more instants: rank 1 killed inside its optimizer step (its metrics of the step were
 reported before it, ``step_metrics``: rank 0 finishes the step and writes a snapshot of it), and
 rank 1 killed as an evaluation begins (a snapshot marking the evaluation pending; the rerun
-runs it first). Random kills, ftrun and two "nodes" are in ``tests/chaos/test_snapshots.py`` and
+runs it first). Random kills, ftrun and two "nodes" are in ``tests/chaos/test_snapshot_chaos.py`` and
 ``scripts/snapshot_trials.py``.
 """
 

@@ -4,7 +4,7 @@ around it (one snapshot per failure, retention, the carried metrics, ftrun's wai
 The survivor is this pytest process holding a one-process ``FaultTolerant`` session; the lost
 peer is simulated by calling ``launcher.snapshot.after_peer_lost`` where ``FaultTolerant`` would.
 Multi-process kills are in ``tests/distributed/test_snapshot_resume.py`` and
-``tests/chaos/test_snapshots.py``.
+``tests/chaos/test_snapshot_chaos.py``.
 """
 
 from __future__ import annotations
