@@ -140,7 +140,9 @@ def test_fixed_size_job_survives_crash_in_save_hang_and_node_loss_bit_equal(tmp_
 
 def test_elastic_job_shrinks_grows_back_and_survives_store_host_loss(tmp_path):
     r = rng()
-    steps = 400
+    # Enough steps that the job is still running when b2 joins: alone, with no step lost to a
+    # failure (the survivor's snapshot), it trains ~90 steps/s here.
+    steps = 1200
     run_dir = tmp_path / "run"
     c = Cluster(tmp_path, script_args(run_dir, steps), nnodes="1:2", agent_args=AGENT_ARGS)
     try:

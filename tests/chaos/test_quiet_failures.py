@@ -72,7 +72,8 @@ def test_an_expected_worker_failure_reads_as_plain_lines(job):
     run_dir, console = job
     assert "Traceback" not in console and "frame #" not in console, console
     assert re.search(r"\[rank0\] ERROR launcher: Lost contact with the rest of the job at step \d+: another "
-                     r"process or node stopped \(.+\); the launcher restarts the job from the latest verified "
+                     r"process or node stopped \(.+\); (?:wrote a snapshot of step \d+ in [\d.]+ s; )?the launcher "
+                     r"restarts the job from the latest verified "
                      r"checkpoint \(step \d+\)", console), console
     assert "ftrun: worker rank " in console and "restarting the job from its latest verified checkpoint" in console
     assert f"starting workers for {RUN} " in console and "run_script_path" not in console, console
