@@ -55,6 +55,16 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def as_lone_process(monkeypatch) -> None:
+    """Make this pytest process a lone worker: no launcher, SLURM or ftlaunch variables."""
+    for key in list(os.environ):
+        if key.startswith(("SLURM_", "TORCHELASTIC_", "FTRUN_", "FTLAUNCH_")) or key in LAUNCHER_VARS:
+            monkeypatch.delenv(key)
+
+
 def train_cmd(trainer: str, run_dir: Path, nproc: int = 1, extra: Sequence[str] = ()) -> list[str]:
     """The command a user runs: plain python for 1 process, torchrun --standalone for more."""
     args = [RUN, "--config", config_path(trainer), "--run-dir", str(run_dir), *FAST[trainer], *extra]

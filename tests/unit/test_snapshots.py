@@ -10,11 +10,11 @@ Multi-process kills are in ``tests/distributed/test_snapshot_resume.py`` and
 from __future__ import annotations
 
 import json
-import os
 import signal
 
 import pytest
 import torch
+from helpers import as_lone_process
 from test_own_loop_api import build, session
 
 from launcher import events, snapshot
@@ -31,10 +31,7 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture(autouse=True)
 def lone_process(monkeypatch):
     """This pytest process as a lone worker (no launcher variables), its signal handlers kept."""
-    for key in list(os.environ):
-        if key.startswith(("SLURM_", "TORCHELASTIC_", "FTRUN_", "FTLAUNCH_")) or key in (
-                "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT"):
-            monkeypatch.delenv(key)
+    as_lone_process(monkeypatch)
     saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     yield
     for s, handler in saved.items():
