@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import subprocess
 import time
@@ -23,6 +24,13 @@ from helpers import FAST, PY, RUN, child_env, config_path, free_port, start, sto
 # Chaos runs need enough steps to strike at random moments; evaluation is off to keep them short.
 CHAOS_ARGS = ["--set", "data.synthetic_length=4096", "--set", "train.eval_every_epoch=false",
               "--set", "train.log_interval=10"]
+
+
+def chaos_rng() -> random.Random:
+    """The random moments of a chaos test; the seed is printed, and ``CHAOS_SEED`` replays one."""
+    seed = int(os.environ.get("CHAOS_SEED", time.time_ns() % 100_000))
+    print(f"CHAOS_SEED={seed}")
+    return random.Random(seed)
 
 
 def script_args(run_dir: Path, steps: int, interval: int = 10, extra: Sequence[str] = ()) -> list[str]:

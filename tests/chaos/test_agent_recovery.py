@@ -13,14 +13,12 @@ The seed of the random moments is printed; set ``CHAOS_SEED`` to replay one.
 from __future__ import annotations
 
 import json
-import os
-import random
 import signal
 import time
 from pathlib import Path
 
 import pytest
-from agent_cluster import Cluster, script_args, signal_proc, steps_done, wait_step
+from agent_cluster import Cluster, chaos_rng, script_args, signal_proc, steps_done, wait_step
 from helpers import PY, assert_bit_equal, checkpoint_tensors, latest_step, run, wait_for
 
 from launcher import events
@@ -30,12 +28,6 @@ pytestmark = [pytest.mark.chaos, pytest.mark.timeout(420)]
 
 AGENT_ARGS = ["--max_restarts=5", "--hang-timeout=10", "--backoff-base=0.5"]
 STEP_WAIT = 150  # seconds allowed for the job to reach a step (start-up or recovery on a loaded machine)
-
-
-def rng() -> random.Random:
-    seed = int(os.environ.get("CHAOS_SEED", time.time_ns() % 100_000))
-    print(f"CHAOS_SEED={seed}")
-    return random.Random(seed)
 
 
 def progress_of(run_dir: Path) -> dict[int, dict]:
@@ -90,7 +82,7 @@ def wait_restarted(run_dir: Path, since: float, cluster: Cluster) -> None:
 
 
 def test_fixed_size_job_survives_crash_in_save_hang_and_node_loss_bit_equal(tmp_path):
-    r = rng()
+    r = chaos_rng()
     steps = 300
     ref_dir, run_dir = tmp_path / "reference", tmp_path / "run"
     ref = [PY, "-m", "launcher", "--standalone", "--nproc_per_node=2", "--monitor_interval=0.5",
@@ -139,7 +131,7 @@ def test_fixed_size_job_survives_crash_in_save_hang_and_node_loss_bit_equal(tmp_
 
 
 def test_elastic_job_shrinks_grows_back_and_survives_store_host_loss(tmp_path):
-    r = rng()
+    r = chaos_rng()
     # Enough steps that the job is still running when b2 joins: alone, with no step lost to a
     # failure (the survivor's snapshot), it trains ~90 steps/s here.
     steps = 1200

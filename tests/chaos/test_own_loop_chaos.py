@@ -25,7 +25,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from agent_cluster import Cluster, steps_done, wait_step
+from agent_cluster import Cluster, chaos_rng, steps_done, wait_step
 from helpers import (
     PY,
     REPO,
@@ -57,12 +57,6 @@ def example(run_dir: Path) -> list[str]:
 def torchrun(run_dir: Path) -> list[str]:
     return [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--monitor_interval=0.5",
             *example(run_dir)]
-
-
-def rng() -> random.Random:
-    seed = int(os.environ.get("CHAOS_SEED", time.time_ns() % 100_000))
-    print(f"CHAOS_SEED={seed}")
-    return random.Random(seed)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +94,7 @@ def interrupt(run_dir: Path, log: Path, kill_after: int, r: random.Random) -> in
 
 
 def test_torchrun_worker_sigkilled_at_a_random_step_resumes_bit_equal(reference, tmp_path):
-    r = rng()
+    r = chaos_rng()
     run_dir = tmp_path / "run"
     for attempt in range(3):  # a fast run can finish between the poll and the kill: try earlier
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -118,7 +112,7 @@ def latest_start_step(run_dir: Path) -> int:
 
 
 def test_ftrun_two_nodes_worker_sigkilled_then_job_preempted_resume_bit_equal(reference, tmp_path):
-    r = rng()
+    r = chaos_rng()
     run_dir = tmp_path / "run"
     c = Cluster(tmp_path, example(run_dir), nnodes="2", agent_args=["--max_restarts=3", "--backoff-base=0.5"])
     try:

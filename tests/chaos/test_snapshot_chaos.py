@@ -21,13 +21,11 @@ The seed of the random moments is printed; ``CHAOS_SEED`` replays one.
 from __future__ import annotations
 
 import json
-import os
-import random
 import time
 from pathlib import Path
 
 import pytest
-from agent_cluster import CHAOS_ARGS, Cluster, signal_proc, steps_done, wait_step
+from agent_cluster import CHAOS_ARGS, Cluster, chaos_rng, signal_proc, steps_done, wait_step
 from helpers import FAST, PY, RUN, assert_bit_equal, checkpoint_tensors, config_path, run, tail
 
 from launcher import events
@@ -46,12 +44,6 @@ def script(trainer: str, run_dir: Path) -> list[str]:
     return [RUN, "--config", config_path(trainer), "--run-dir", str(run_dir), *FAST[trainer], *own,
             "--set", f"train.max_steps={STEPS}", "--set", f"checkpoint.interval_steps={INTERVAL}",
             "--set", "checkpoint.every_epoch=false"]
-
-
-def rng() -> random.Random:
-    seed = int(os.environ.get("CHAOS_SEED", time.time_ns() % 100_000))
-    print(f"CHAOS_SEED={seed}")
-    return random.Random(seed)
 
 
 def final(run_dir: Path) -> dict:
@@ -103,7 +95,7 @@ def check(run_dir: Path, ref: Path, struck: float, seen: int) -> None:
 
 
 def test_node_lost_2_nodes_x_2_workers_resumes_from_the_survivors_snapshot(tmp_path, reference_encoder_w4):
-    r = rng()
+    r = chaos_rng()
     run_dir = tmp_path / "run"
     c = Cluster(tmp_path, script("encoder", run_dir), nproc=2, agent_args=["--max_restarts=3", "--hang-timeout=60"])
     try:
@@ -123,7 +115,7 @@ def test_node_lost_2_nodes_x_2_workers_resumes_from_the_survivors_snapshot(tmp_p
 
 
 def test_worker_killed_2_nodes_x_1_worker_resumes_from_the_survivors_snapshot(tmp_path, reference_recommender_w2):
-    r = rng()
+    r = chaos_rng()
     run_dir = tmp_path / "run"
     c = Cluster(tmp_path, script("recommender", run_dir), agent_args=["--max_restarts=3", "--hang-timeout=60"])
     try:

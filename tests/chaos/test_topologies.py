@@ -18,26 +18,17 @@ The seed of the random moments is printed; set ``CHAOS_SEED`` to replay one.
 
 from __future__ import annotations
 
-import os
-import random
-import time
 from pathlib import Path
 
 import psutil
 import pytest
-from agent_cluster import Cluster, script_args, signal_proc, wait_step
+from agent_cluster import Cluster, chaos_rng, script_args, signal_proc, wait_step
 from helpers import PY, assert_bit_equal, checkpoint_tensors, child_env, run, start, stop, tail
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(300)]
 
 STEPS = 60
 W3 = ["--set", "data.batch_size=12"]  # the global batch must split over 3 ranks
-
-
-def rng() -> random.Random:
-    seed = int(os.environ.get("CHAOS_SEED", time.time_ns() % 100_000))
-    print(f"CHAOS_SEED={seed}")
-    return random.Random(seed)
 
 
 def final(run_dir: Path) -> dict:
@@ -70,7 +61,7 @@ def assert_one_clean_restart(text: str, launcher_log: str) -> None:
 
 
 def test_static_rendezvous_2_nodes_x_2_workers_ftrun_one_restart_bit_exact(tmp_path, reference_w4):
-    r = rng()
+    r = chaos_rng()
     run_dir = tmp_path / "run"
     c = Cluster(tmp_path, script_args(run_dir, STEPS), rdzv="static", nproc=2,
                 agent_args=["--max_restarts=3", "--hang-timeout=60"])
@@ -93,7 +84,7 @@ def test_static_rendezvous_2_nodes_x_2_workers_ftrun_one_restart_bit_exact(tmp_p
 
 
 def test_stock_torchrun_3_workers_survivors_end_at_once_one_restart_bit_exact(tmp_path, reference_w3):
-    r = rng()
+    r = chaos_rng()
     run_dir, log = tmp_path / "run", tmp_path / "torchrun.log"
     cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", "--max_restarts=2",
            "--monitor_interval=0.5", *script_args(run_dir, STEPS, extra=W3)]
