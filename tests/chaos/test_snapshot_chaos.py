@@ -1,12 +1,13 @@
 """Lose at most one step per failure, in the topologies of issue 11's targets: two ``ftrun`` "nodes"
-on 127.0.0.1 (c10d rendezvous), a checkpoint every 20 steps, a failure at a random step between two
+on 127.0.0.1, a checkpoint every 20 steps, a failure at a random step between two
 of them. Each case asserts that the job recovers by itself, that it resumed from the step the
 survivors held (their ``snapshot`` events), and that the final weights, optimizer state, history
 and every ``metrics.jsonl`` record equal those of an uninterrupted run of the same world size.
 
-* 2 nodes x 2 workers, encoder: node 1 lost whole (agent and both workers), a replacement
-  started 2 s later with the same command.
-* 2 nodes x 1 worker, recommender: one worker SIGKILLed (its meta-learning phase, with the
+* 2 nodes x 2 workers (world size 4), c10d rendezvous, encoder: node 1 lost whole (agent and
+  both workers), a replacement started 2 s later with the same command.
+* 2 nodes x 1 worker, static rendezvous (``--master_addr/--master_port/--node_rank``),
+  recommender: one worker SIGKILLed (its meta-learning phase, with the
   reward's collective after the gradients', runs through step 30).
 
 Our trainers report a step's metrics before its last collective (``step_metrics``), so a rank
@@ -114,14 +115,15 @@ def test_node_lost_2_nodes_x_2_workers_resumes_from_the_survivors_snapshot(tmp_p
     check(run_dir, reference_encoder_w4, struck, seen)
 
 
-def test_worker_killed_2_nodes_x_1_worker_resumes_from_the_survivors_snapshot(tmp_path, reference_recommender_w2):
+def test_worker_killed_2x1_static_rendezvous_resumes_from_the_survivors_snapshot(tmp_path, reference_recommender_w2):
     r = chaos_rng()
     run_dir = tmp_path / "run"
-    c = Cluster(tmp_path, script("recommender", run_dir), agent_args=["--max_restarts=3", "--hang-timeout=60"])
+    c = Cluster(tmp_path, script("recommender", run_dir), rdzv="static",
+                agent_args=["--max_restarts=3", "--hang-timeout=60"])
     try:
-        c.start_node("n0")
+        c.start_node("n0", node_rank=0)
         c.wait_store()
-        c.start_node("n1")
+        c.start_node("n1", node_rank=1)
         wait_step(run_dir, r.randint(INTERVAL + 1, 2 * INTERVAL - 3), 150, c)
         struck, seen = time.time(), steps_done(run_dir)
         signal_proc(r.choice(c.workers(r.choice(["n0", "n1"]))), 9)
