@@ -27,6 +27,7 @@ import re
 import signal
 import time
 from pathlib import Path
+from typing import ClassVar
 
 from launcher import events, exit_codes, logs, runfiles
 from launcher.env import ClusterEnv
@@ -41,16 +42,14 @@ PEER_MARKERS = ("connection reset by peer", "connection closed by peer", "broken
 DIST_ERRORS = frozenset({"DistError", "DistNetworkError", "DistStoreError", "DistBackendError"})
 
 
-_ctrl_c_seen = False  # set by an installed InterruptFlag; read by interrupt_received()
-
-
 def interrupt_received() -> bool:
-    """Whether this process got Ctrl-C (through an installed :class:`InterruptFlag`).
+    """Whether this process got Ctrl-C (through the installed :class:`InterruptFlag`).
 
     A collective that fails after it is the job being interrupted, not a lost peer: no snapshot,
     and the interrupt's own one line ends the run.
     """
-    return _ctrl_c_seen
+    flag = InterruptFlag.installed
+    return flag is not None and flag.raised
 
 
 class InterruptFlag:
@@ -64,6 +63,7 @@ class InterruptFlag:
     """
 
     REPEAT_WINDOW = 2.0
+    installed: ClassVar[InterruptFlag | None] = None  # the process's handler (interrupt_received())
 
     def __init__(self, clock=time.monotonic) -> None:
         self.clock = clock
@@ -77,6 +77,7 @@ class InterruptFlag:
 
     def install(self) -> None:
         signal.signal(signal.SIGINT, self._handle)
+        InterruptFlag.installed = self
 
     def _handle(self, signum, frame) -> None:
         now = self.clock()
@@ -84,8 +85,6 @@ class InterruptFlag:
             return
         self._first = self._first if self._first is not None else now
         self.count += 1
-        global _ctrl_c_seen
-        _ctrl_c_seen = True
         raise KeyboardInterrupt
 
 
